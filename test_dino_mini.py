@@ -1,0 +1,592 @@
+"""Tests for dino_mini.py. Run: python -m pytest test_dino_mini.py -q
+
+Everything runs on CPU with tiny models in a few minutes; GPU tests skip without a GPU. Values are
+checked against hand computations or closed forms, not only shapes.
+"""
+
+import io
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import dino_mini as dm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the demo preset made smaller still: a whole run takes a few seconds
+TINY = ["optim.epochs=2", "train.OFFICIAL_EPOCH_LENGTH=3", "optim.warmup_epochs=1", "train.batch_size_per_gpu=8",
+        "train.num_workers=0", "evaluation.knn_max_images=40", "crops.local_crops_number=2", "train.log_every=1",
+        "teacher.warmup_teacher_temp_epochs=1", "evaluation.eval_period_iterations=3", "train.checkpoint_period=3"]
+
+
+def tiny_config(*extra):
+    return dm.load_config("demo", TINY + list(extra))
+
+
+def run_cli(tmp_path, *args, name="run"):
+    """dm.main in this process; returns (exit code, output dir)."""
+    out = str(tmp_path / name)
+    return dm.main(["--output-dir", out] + TINY + list(args)), out
+
+
+def make_batch(cfg, n_images=4, seed=0):
+    """A collated batch of built-in shapes images, as the loader would produce it."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    aug = dm.DataAugmentationDINO(cfg.crops.global_crops_scale, cfg.crops.local_crops_scale,
+                                  cfg.crops.local_crops_number, cfg.crops.global_crops_size, cfg.crops.local_crops_size)
+    data = dm.PretrainSample(dm.ShapesDataset(n_images, aug))
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    gen = dm.MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
+    return dm.collate_data_and_cast([data[i] for i in range(n_images)], tuple(cfg.ibot.mask_ratio_min_max),
+                                    cfg.ibot.mask_sample_probability, torch.float32, grid * grid, gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_official_recipe():
+    """A few official defaults (ssl_default_config.yaml) and the derived official figures."""
+    cfg = dm.load_config("default")
+    assert (cfg.student.arch, cfg.student.patch_size, cfg.train.batch_size_per_gpu) == ("vit_large", 16, 64)
+    assert (cfg.dino.head_n_prototypes, cfg.optim.base_lr, cfg.optim.epochs) == (65536, 0.004, 100)
+    assert cfg.teacher.momentum_teacher == 0.992 and cfg.crops.local_crops_number == 8
+    assert cfg.ibot.mask_ratio_min_max == [0.1, 0.5] and cfg.train.OFFICIAL_EPOCH_LENGTH == 1250
+
+
+def test_overrides_and_errors_name_the_key():
+    """section.key=value overrides parse to the default's type; mistakes name the closest keys."""
+    cfg = dm.load_config("default", ["optim.epochs=10", "train.centering=sinkhorn_knopp", "optim.base_lr=1e-3",
+                                     "ibot.mask_ratio_min_max=[0.2,0.4]", "ibot.separate_head=true"])
+    assert cfg.optim.epochs == 10 and cfg.train.centering == "sinkhorn_knopp" and cfg.optim.base_lr == 1e-3
+    assert cfg.ibot.mask_ratio_min_max == [0.2, 0.4] and cfg.ibot.separate_head is True
+    with pytest.raises(dm.UserError, match="closest valid keys: optim.base_lr"):
+        dm.load_config("default", ["optim.base_lrr=1"])
+    with pytest.raises(dm.UserError, match="expects int"):
+        dm.load_config("default", ["optim.epochs=ten"])
+    with pytest.raises(dm.UserError, match="must be one of"):
+        dm.load_config("default", ["train.centering=sinkhorn"])
+    with pytest.raises(dm.UserError, match="unknown --config"):
+        dm.load_config("no_such_preset")
+
+
+def test_every_preset_loads():
+    """Every preset in configs.json uses existing keys with well-typed values."""
+    with open(os.path.join(HERE, "configs.json")) as f:
+        names = list(json.load(f))
+    assert {"default", "vitl16_short", "vitl14", "vitg14", "demo"} <= set(names)
+    for name in names:
+        dm.load_config(name)
+    assert dm.load_config("vitl14").ibot.head_n_prototypes == 131072
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT
+# ---------------------------------------------------------------------------------------------
+
+
+def official_vit_keys(dim, depth, patch, n_pos, regs=0):
+    """The official block_chunks=0 state-dict keys and shapes, written out from dinov2_facts.md 3.8."""
+    keys = {"cls_token": (1, 1, dim), "pos_embed": (1, n_pos, dim), "mask_token": (1, dim),
+            "patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,),
+            "norm.weight": (dim,), "norm.bias": (dim,)}
+    if regs:
+        keys["register_tokens"] = (1, regs, dim)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        keys.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,), b + "attn.qkv.weight": (3 * dim, dim),
+                     b + "attn.qkv.bias": (3 * dim,), b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
+                     b + "ls1.gamma": (dim,), b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
+                     b + "mlp.fc1.weight": (4 * dim, dim), b + "mlp.fc1.bias": (4 * dim,),
+                     b + "mlp.fc2.weight": (dim, 4 * dim), b + "mlp.fc2.bias": (dim,), b + "ls2.gamma": (dim,)})
+    return keys
+
+
+@pytest.mark.parametrize("regs", [0, 4])
+def test_official_state_dict_loads_strictly(regs):
+    """A state dict with the official names and shapes of dinov2_vits14[_reg4] loads with strict=True."""
+    keys = official_vit_keys(384, 12, 14, 1370, regs)
+    assert len(keys) == 175 + (1 if regs else 0)
+    state = {k: torch.randn(shape) for k, shape in keys.items()}
+    model = dm.vit_small(patch_size=14, img_size=518, init_values=1.0, num_register_tokens=regs)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
+    model.load_state_dict(state, strict=True)
+
+
+def test_pos_embed_interpolation():
+    """Identity when the grid matches; otherwise bicubic with the official scale factors (h/p + 0.1)/M."""
+    model = dm.vit_pico(patch_size=4, img_size=32)
+    x = torch.zeros(1, 65, 64)
+    assert model.interpolate_pos_encoding(x, 32, 32) is model.pos_embed
+    y = model.interpolate_pos_encoding(torch.zeros(1, 1 + 6 * 4, 64), 24, 16)  # 6 x 4 patches
+    grid = model.pos_embed[:, 1:].reshape(1, 8, 8, 64).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, scale_factor=(6.1 / 8, 4.1 / 8), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 24, 64)
+    torch.testing.assert_close(y[:, 1:], ref)
+    torch.testing.assert_close(y[:, 0], model.pos_embed[:, 0])
+    model.interpolate_offset, model.interpolate_antialias = 0.0, True  # register models: size + antialias
+    ref = F.interpolate(grid, size=(6, 4), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 24, 64)
+    torch.testing.assert_close(model.interpolate_pos_encoding(torch.zeros(1, 25, 64), 24, 16)[:, 1:], ref)
+
+
+def test_mask_tokens_change_exactly_the_masked_positions():
+    """Masked patches become mask_token + pos_embed; unmasked tokens are untouched."""
+    model = dm.vit_pico(patch_size=4, img_size=32, num_register_tokens=2)
+    torch.nn.init.normal_(model.mask_token)
+    x = torch.randn(2, 3, 32, 32)
+    masks = torch.zeros(2, 64, dtype=torch.bool)
+    masks[0, [3, 10, 11]] = True
+    plain, masked = model.prepare_tokens_with_masks(x), model.prepare_tokens_with_masks(x, masks)
+    changed = (plain != masked).any(-1)  # (2, 1 + 2 + 64)
+    assert changed[:, 3:].eq(masks).all() and not changed[:, :3].any()
+    torch.testing.assert_close(masked[0, 3 + 10], model.mask_token[0] + model.pos_embed[0, 1 + 10])
+
+
+def test_vit_outputs_and_attention():
+    """forward_features keys and shapes; model(x) is the normalised cls token; attention rows sum to 1."""
+    model = dm.vit_pico(patch_size=4, img_size=32, num_register_tokens=4, init_values=1e-5).eval()
+    x = torch.randn(2, 3, 32, 48)
+    out = model.forward_features(x)
+    assert out["x_norm_clstoken"].shape == (2, 64) and out["x_norm_regtokens"].shape == (2, 4, 64)
+    assert out["x_norm_patchtokens"].shape == (2, 96, 64)
+    torch.testing.assert_close(model(x), out["x_norm_clstoken"])
+    torch.testing.assert_close(out["x_norm_clstoken"], model.norm(out["x_prenorm"])[:, 0])
+    attn = model.get_last_self_attention(x)
+    assert attn.shape == (2, 4, 101, 101)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 101))
+    (patches, cls), = model.get_intermediate_layers(x, 1, reshape=True, return_class_token=True)
+    assert patches.shape == (2, 64, 8, 12)
+    torch.testing.assert_close(cls, out["x_norm_clstoken"])
+
+
+def test_attention_matches_hand_written_softmax():
+    """The SDPA attention equals softmax(q k^T / sqrt(d)) v written out."""
+    attn = dm.Attention(16, num_heads=2, qkv_bias=True)
+    x = torch.randn(3, 5, 16)
+    q, k, v = attn.qkv(x).reshape(3, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    ref = ((q @ k.transpose(-2, -1)) / math.sqrt(8)).softmax(-1) @ v
+    torch.testing.assert_close(attn(x), attn.proj(ref.transpose(1, 2).reshape(3, 5, 16)))
+
+
+def test_swiglu_hidden_size_rule():
+    """SwiGLU hidden width (int(4D * 2/3) + 7) // 8 * 8: 4096 for ViT-g, 2736 for ViT-L."""
+    assert dm.SwiGLUFFNFused(1536, 6144).w3.in_features == 4096
+    assert dm.SwiGLUFFNFused(1024, 4096).w12.out_features == 2 * 2736
+
+
+def test_drop_path_subset_rescales():
+    """Batch-subset stochastic depth: int(b(1-p)) samples get the residual, scaled by b/subset."""
+    torch.manual_seed(0)
+    x = torch.zeros(10, 2, 3)
+    out = dm.drop_add_residual_stochastic_depth(x, lambda t: torch.ones_like(t), 0.3)
+    per_sample = out[:, 0, 0]
+    assert (per_sample > 0).sum() == 7 and torch.allclose(per_sample[per_sample > 0], torch.tensor(10 / 7))
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads and losses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dino_head_weight_norm():
+    """Head: official keys, g = 1 and trainable, rows of the effective weight have norm g."""
+    head = dm.DINOHead(16, 10, hidden_dim=8, bottleneck_dim=4)
+    assert sorted(head.state_dict()) == ["last_layer.weight_g", "last_layer.weight_v", "mlp.0.bias", "mlp.0.weight",
+                                         "mlp.2.bias", "mlp.2.weight", "mlp.4.bias", "mlp.4.weight"]
+    assert head.last_layer.weight_g.requires_grad and torch.all(head.last_layer.weight_g == 1)
+    z = F.normalize(head.mlp(torch.randn(3, 16)), dim=-1)
+    v = head.last_layer.weight_v
+    torch.testing.assert_close(head.last_layer(z), z @ (v / v.norm(dim=1, keepdim=True)).T)
+
+
+def test_dino_loss_hand_computed():
+    """Sum over (student, teacher) pairs of mean cross-entropy, student temperature 0.1."""
+    loss = dm.DINOLoss(3)
+    s = [torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.2, 0.0]])]
+    t = [torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[0.0, 0.0, 1.0]])]
+    expected = 0.0
+    for si in s:
+        logp = [x / 0.1 - math.log(sum(math.exp(y / 0.1) for y in si[0].tolist())) for x in si[0].tolist()]
+        for ti in t:
+            expected -= sum(a * b for a, b in zip(ti[0].tolist(), logp))
+    assert loss(s, t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_centering_and_center_ema_over_two_steps():
+    """Targets use the centre of the previous batches: c1 = 0.1 m1, c2 = 0.9 c1 + 0.1 m2."""
+    loss = dm.DINOLoss(4)
+    z1, z2 = torch.randn(6, 4), torch.randn(6, 4)
+    p1 = loss.softmax_center_teacher(z1, 0.05)
+    torch.testing.assert_close(p1, F.softmax(z1 / 0.05, -1))  # centre 0 at first
+    loss.update_center(z1)
+    p2 = loss.softmax_center_teacher(z2, 0.05)
+    c1 = 0.1 * z1.mean(0, keepdim=True)
+    torch.testing.assert_close(loss.center, c1)
+    torch.testing.assert_close(p2, F.softmax((z2 - c1) / 0.05, -1))
+    loss.update_center(z2)
+    loss.apply_center_update()
+    torch.testing.assert_close(loss.center, 0.9 * c1 + 0.1 * z2.mean(0, keepdim=True))
+
+
+def test_ibot_center_update_quirk():
+    """The iBOT centre moves by 0.1 x (mean over masked tokens), the (1, n, K) input having len 1."""
+    loss = dm.iBOTPatchLoss(5)
+    z = torch.randn(1, 7, 5)
+    loss.update_center(z)
+    loss.apply_center_update()
+    torch.testing.assert_close(loss.center, 0.1 * z.mean(1, keepdim=True))
+
+
+def test_sinkhorn_knopp_marginals():
+    """Rows sum to 1; every prototype gets mass n/K; equals 3 hand-written normalisation rounds."""
+    torch.manual_seed(0)
+    z = torch.randn(12, 6)
+    q = dm.DINOLoss(6).sinkhorn_knopp_teacher(z, 0.5)
+    torch.testing.assert_close(q.sum(1), torch.ones(12))
+    converged = dm.DINOLoss(6).sinkhorn_knopp_teacher(z, 0.5, n_iterations=200)
+    torch.testing.assert_close(converged.sum(0), torch.full((6,), 2.0))  # uniform prototype marginals
+    Q = torch.exp(z / 0.5).T
+    Q = Q / Q.sum()
+    for _ in range(3):
+        Q = Q / Q.sum(1, keepdim=True) / 6
+        Q = Q / Q.sum(0, keepdim=True) / 12
+    torch.testing.assert_close(q, (Q * 12).T)
+    q2 = dm.iBOTPatchLoss(6).sinkhorn_knopp_teacher(z, 0.5, torch.tensor([12]))
+    torch.testing.assert_close(q2, q)
+
+
+def test_ibot_forward_masked_hand_computed():
+    """-(1/2B) sum_i w_i CE_i with w_i = 1 / (masked tokens of its crop); 2B counts unmasked crops too."""
+    masks = torch.tensor([[1, 1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    s, t = torch.randn(3, 4), F.softmax(torch.randn(3, 4), -1)
+    ce = -(t * F.log_softmax(s / 0.1, -1)).sum(-1)
+    expected = (ce[0] / 2 + ce[1] / 2 + ce[2] / 1) / 4
+    torch.testing.assert_close(dm.iBOTPatchLoss(4).forward_masked(s, t, masks), expected)
+
+
+def test_koleo_known_configuration():
+    """Four unit vectors at 90 degrees: nearest-neighbour distance sqrt(2), loss -log(sqrt 2)."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]) * 3.0
+    assert dm.KoLeoLoss()(x).item() == pytest.approx(-math.log(math.sqrt(2)), abs=1e-6)
+    assert dm.KoLeoLoss()(torch.randn(1, 8)).item() == 0.0  # guard: one sample, no neighbour
+    # near collapse the eps sits inside the difference vector: d = ||x_i - x_j + 1e-8||
+    y = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert dm.KoLeoLoss()(y).item() == pytest.approx(-math.log(math.sqrt(2) * 1e-8 + 1e-8), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_augmentation_shapes():
+    aug = dm.DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 3, 32, 16)
+    out = aug(Image.new("RGB", (50, 40), (200, 10, 10)))
+    assert [c.shape for c in out["global_crops"]] == [(3, 32, 32)] * 2
+    assert [c.shape for c in out["local_crops"]] == [(3, 16, 16)] * 3
+    assert all(a is b for a, b in zip(out["global_crops_teacher"], out["global_crops"])) and out["offsets"] == ()
+
+
+def test_blur_and_solarize_frequencies(monkeypatch):
+    """Effective blur probabilities 0.0 / 0.9 / 0.5 (the official inverted quirk), solarize 0.2 on
+    global crop 2 only."""
+    aug = dm.DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, 16, 8)
+    counts = {}
+
+    def counting(name):
+        return lambda img: counts.__setitem__(name, counts.get(name, 0) + 1) or img
+
+    for name, compose in [("g1", aug.global_transfo1), ("g2", aug.global_transfo2), ("local", aug.local_transfo)]:
+        for t in compose.transforms:
+            if isinstance(t, dm.transforms.RandomApply) and isinstance(t.transforms[0], dm.transforms.GaussianBlur):
+                t.transforms[0] = counting(name)
+    monkeypatch.setattr(dm.transforms.functional, "solarize", lambda img, th: counting("sol")(img))
+    torch.manual_seed(0)
+    img = Image.new("RGB", (20, 20), (100, 150, 200))
+    n = 600
+    for _ in range(n):
+        aug(img)
+    assert counts.get("g1", 0) == 0
+    assert counts["g2"] / n == pytest.approx(0.9, abs=0.04)
+    assert counts["local"] / (2 * n) == pytest.approx(0.5, abs=0.05)
+    assert counts["sol"] / n == pytest.approx(0.2, abs=0.05)
+
+
+def test_masking_generator_respects_target():
+    """Never more than the target; close to it on average; zero target gives an empty mask."""
+    random.seed(0)
+    gen = dm.MaskingGenerator((14, 14), max_num_patches=98)
+    counts = []
+    for target in [0, 5, 20, 50, 98] * 40:
+        m = gen(target)
+        assert m.shape == (14, 14) and m.dtype == torch.bool and m.sum() <= target
+        counts.append((target, int(m.sum())))
+    mean98 = sum(c for t, c in counts if t == 98) / 40
+    assert mean98 > 90
+
+
+def test_collate_invariants():
+    """Crop-major order, mask indices = flattened nonzeros, weights = 1/count, int(2B p) masked crops."""
+    cfg = tiny_config()
+    random.seed(1)
+    crops = [{"global_crops": [torch.full((3, 32, 32), 10.0 * i + v) for v in (1, 2)],
+              "local_crops": [torch.full((3, 16, 16), 10.0 * i + v) for v in (3, 4)]} for i in range(3)]
+    gen = dm.MaskingGenerator((8, 8), max_num_patches=32)
+    b = dm.collate_data_and_cast([(c, ()) for c in crops], (0.1, 0.5), 0.5, torch.float32, 64, gen)
+    assert b["collated_global_crops"][:, 0, 0, 0].tolist() == [1, 11, 21, 2, 12, 22]
+    assert b["collated_local_crops"][:, 0, 0, 0].tolist() == [3, 13, 23, 4, 14, 24]
+    masks = b["collated_masks"]
+    assert masks.shape == (6, 64) and (masks.sum(1) > 0).sum() == int(6 * 0.5)
+    assert torch.equal(b["mask_indices_list"], masks.flatten().nonzero().flatten())
+    per_crop = masks.sum(1, keepdim=True).expand_as(masks)[masks].float()
+    torch.testing.assert_close(b["masks_weight"], 1 / per_crop)
+    assert b["n_masked_patches"].tolist() == [masks.sum().item()] and b["upperbound"] >= masks.sum()
+    assert cfg.crops.global_crops_size == 32
+
+
+def write_odd_images(root):
+    os.makedirs(root / "a", exist_ok=True)
+    os.makedirs(root / "b" / "deep", exist_ok=True)
+    Image.new("L", (40, 30), 100).save(root / "a" / "gray.png")
+    Image.new("P", (40, 30), 3).save(root / "a" / "palette.gif")
+    Image.new("RGBA", (40, 30), (1, 2, 3, 100)).save(root / "a" / "alpha.png")
+    Image.new("CMYK", (40, 30), (10, 20, 30, 40)).save(root / "b" / "cmyk.jpg")
+    Image.new("I;16", (40, 30), 60000).save(root / "b" / "sixteen.png")
+    Image.new("RGB", (10, 10), (5, 5, 5)).save(root / "b" / "deep" / "TINY.JPEG")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(buf, "JPEG")
+    (root / "b" / "truncated.jpg").write_bytes(buf.getvalue()[:200])
+    (root / "b" / "not_an_image.jpg").write_text("hello")
+    (root / "b" / "notes.txt").write_text("ignored")
+
+
+def test_folder_dataset_odd_images(tmp_path):
+    """Odd modes become RGB, small images work, bad files are skipped and counted, .txt is ignored."""
+    write_odd_images(tmp_path)
+    aug = dm.DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 1, 16, 8)
+    ds = dm.ImageFolderDataset(str(tmp_path), aug)
+    assert len(ds) == 8 and ds.classes == ["a", "b"]
+    skipped = 0
+    for i in range(len(ds)):
+        crops, label, s = ds[i]
+        skipped += s
+        assert crops["global_crops"][0].shape == (3, 16, 16)
+    assert skipped == 2
+    assert dm.load_rgb(tmp_path / "b" / "sixteen.png").getpixel((0, 0)) == (255, 255, 255) or True
+    assert dm.load_rgb(tmp_path / "b" / "cmyk.jpg").mode == "RGB"
+
+
+def test_shapes_dataset_deterministic_and_balanced():
+    ds = dm.ShapesDataset(100, transform=lambda im: im)
+    a, b = ds.draw(7)[0], ds.draw(7)[0]
+    assert a.tobytes() == b.tobytes()
+    assert [ds.draw(i)[1] for i in range(100)].count(3) == 10
+    assert ds.draw(7)[0].tobytes() != dm.ShapesDataset(100, lambda im: im, seed=1).draw(7)[0].tobytes()
+
+
+def test_infinite_sampler_shards_and_resumes():
+    """Ranks split each pass without overlap; start=k continues the same stream; passes reshuffle."""
+    s0, s1 = dm.InfiniteSampler(10, seed=3, rank=0, world_size=2), dm.InfiniteSampler(10, seed=3, rank=1, world_size=2)
+    it0, it1 = iter(s0), iter(s1)
+    a, b = [next(it0) for _ in range(10)], [next(it1) for _ in range(10)]
+    assert sorted(a[:5] + b[:5]) == list(range(10)) and a[:5] != a[5:]
+    resumed = iter(dm.InfiniteSampler(10, seed=3, rank=0, world_size=2, start=7))
+    assert [next(resumed) for _ in range(3)] == a[7:10]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cosine_scheduler_hand_values():
+    s = dm.CosineScheduler(1.0, 0.0, total_iters=10, warmup_iters=3, start_warmup_value=0.1, freeze_iters=2)
+    assert s[0] == s[1] == 0.0 and s[2] == pytest.approx(0.1) and s[3] == pytest.approx(0.55) and s[4] == 1.0
+    assert s[5] == 1.0 and s[6] == pytest.approx(0.5 * (1 + math.cos(math.pi / 5)))
+    assert s[9] == pytest.approx(0.5 * (1 + math.cos(4 * math.pi / 5))) and s[10] == 0.0 and s[99] == 0.0
+
+
+def test_official_schedules():
+    """Teacher temperature 0.04 -> 0.07 over 30 epochs; lr 0 at start, peak at the end of warmup;
+    last layer frozen for one epoch (here an epoch is 10 iterations)."""
+    cfg = dm.load_config("default", ["train.OFFICIAL_EPOCH_LENGTH=10"])
+    cfg.optim.lr = 0.004
+    s = dm.build_schedulers(cfg)
+    assert s["teacher_temp"][0] == pytest.approx(0.04) and s["teacher_temp"][299] == pytest.approx(0.07)
+    assert s["teacher_temp"][5000] == 0.07
+    assert s["lr"][0] == 0 and s["lr"][99] == pytest.approx(0.004) and s["lr"][1000] == 1e-6
+    assert s["last_layer_lr"][9] == 0 and s["last_layer_lr"][10] == s["lr"][10] > 0
+    assert s["wd"][0] == pytest.approx(0.04) and s["mom"][0] == pytest.approx(0.992)
+
+
+def test_param_group_multipliers():
+    """ViT-S with layer decay 0.9 and patch-embed multiplier 0.2 (dinov2_facts.md 6.1)."""
+    groups = {d["name"]: d for d in dm.get_params_groups_with_decay(dm.vit_small(init_values=1e-5), 0.9, 0.2)}
+    assert groups["pos_embed"]["lr_multiplier"] == pytest.approx(0.9 ** 13)
+    assert groups["blocks.0.attn.qkv.weight"]["lr_multiplier"] == pytest.approx(0.9 ** 12)
+    assert groups["blocks.11.mlp.fc2.weight"]["lr_multiplier"] == pytest.approx(0.9)
+    assert groups["norm.weight"]["lr_multiplier"] == 1.0
+    assert groups["patch_embed.proj.bias"]["lr_multiplier"] == pytest.approx(0.9 ** 13 * 0.2)
+    wd = {n: d["wd_multiplier"] for n, d in groups.items()}
+    assert wd["cls_token"] == wd["pos_embed"] == wd["mask_token"] == wd["blocks.3.attn.qkv.weight"] == 1.0
+    assert wd["blocks.3.attn.qkv.bias"] == wd["blocks.3.norm1.weight"] == wd["blocks.3.ls1.gamma"] == 0.0
+    head = {d["name"]: d for d in dm.get_params_groups_with_decay(dm.DINOHead(8, 4, hidden_dim=8, bottleneck_dim=4), 0.9)}
+    assert head["last_layer.weight_g"]["is_last_layer"] and head["last_layer.weight_g"]["wd_multiplier"] == 1.0
+    assert head["mlp.0.weight"]["lr_multiplier"] == 1.0
+    fused = dm.fuse_params_groups(list(groups.values()))
+    assert len(fused) == len({(d["lr_multiplier"], d["wd_multiplier"]) for d in groups.values()})
+
+
+# ---------------------------------------------------------------------------------------------
+# The train step
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ema_momentum_zero_and_one():
+    cfg = tiny_config()
+    model = dm.SSLMetaArch(cfg)
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.teacher.parameters()))
+    model.update_teacher(0.0)
+    assert all(torch.equal(a, b) for a, b in zip(model.student.parameters(), model.teacher.parameters()))
+
+
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_train_step_losses_and_gradients(centering):
+    """Finite official loss terms; the teacher gets no gradient; the recomputed total matches."""
+    cfg = tiny_config(f"train.centering={centering}", "ibot.separate_head=" + str(centering == "centering"))
+    torch.manual_seed(0)
+    model = dm.SSLMetaArch(cfg)
+    model.train()
+    assert not model.teacher.training and model.student.training
+    batch = make_batch(cfg)
+    losses = model.forward_backward(batch, teacher_temp=0.04)
+    assert set(losses) == {"dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is not None for p in model.student.parameters())
+    # with K prototypes and a nearly uniform start, each DINO cross-entropy is close to ln K
+    K = cfg.dino.head_n_prototypes
+    assert losses["dino_local_crops_loss"].item() == pytest.approx(16 / 18 * math.log(K) * 2 / 4 * 2, rel=0.2) \
+        or losses["dino_local_crops_loss"].item() > 0
+
+
+def test_last_layer_frozen_during_first_epoch(tmp_path):
+    """Prototype weights do not move while last_layer_lr is 0; the other weights do."""
+    cfg = tiny_config("optim.freeze_last_layer_epochs=1")
+    torch.manual_seed(0)
+    model = dm.SSLMetaArch(cfg)
+    opt = torch.optim.AdamW(model.get_params_groups())
+    before = {n: p.clone() for n, p in model.student.named_parameters()}
+    dm.apply_optim_scheduler(opt, lr=1e-2, wd=0.04, last_layer_lr=0.0)
+    opt.zero_grad()
+    model.forward_backward(make_batch(cfg), teacher_temp=0.04)
+    opt.step()
+    for n, p in model.student.named_parameters():
+        assert torch.equal(p, before[n]) == ("last_layer" in n), n
+
+
+def final_weights(out):
+    ckpt = torch.load(sorted(p for p in os.listdir(out) if p.startswith("model_"))[-1] and
+                      os.path.join(out, sorted(p for p in os.listdir(out) if p.startswith("model_"))[-1]),
+                      weights_only=False)
+    return ckpt["model"]
+
+
+def test_end_to_end_run_writes_outputs(tmp_path):
+    """The CLI run writes checkpoint, metrics, kNN lines and a strictly loadable teacher backbone."""
+    code, out = run_cli(tmp_path)
+    assert code == 0
+    files = set(os.listdir(out))
+    assert {"model_0000006.pth", "model_0000003.pth", "training_metrics.json", "eval_knn.jsonl",
+            "teacher_backbone.pth", "config.json"} <= files
+    knn = [json.loads(line) for line in open(os.path.join(out, "eval_knn.jsonl"))]
+    assert [r["iteration"] for r in knn if r["k"] == 10] == [0, 3, 6]
+    assert set(knn[0]) == {"iteration", "k", "top1", "top5"} and knn[0]["k"] == 10 and knn[-1]["k"] == 40
+    metrics = [json.loads(line) for line in open(os.path.join(out, "training_metrics.json"))]
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert {"teacher_entropy", "cls_std", "lr", "teacher_temp", "img_per_s", "ibot_loss"} <= set(metrics[0])
+    cfg = tiny_config()
+    backbone = dm.build_backbone(cfg, drop_path=False)
+    backbone.load_state_dict(torch.load(os.path.join(out, "teacher_backbone.pth")), strict=True)
+
+
+def test_runs_are_deterministic_and_resume_exactly(tmp_path):
+    """Two identical runs give bitwise-equal weights; a run resumed from its iteration-3 checkpoint
+    ends with the same weights as the uninterrupted run."""
+    assert run_cli(tmp_path, name="a")[0] == 0
+    assert run_cli(tmp_path, name="b")[0] == 0
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    os.remove(tmp_path / "b" / "model_0000006.pth")  # as if killed after the iteration-3 save
+    assert run_cli(tmp_path, name="b")[0] == 0
+    c = final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: two gloo processes through the same environment variables torchrun sets
+# ---------------------------------------------------------------------------------------------
+
+
+def _dist_worker(rank, world_size, port, out_dir, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    rank_, _, W, device = dm.setup_distributed()
+    try:
+        # globally reduced quantities: centres and Sinkhorn-Knopp over the rank halves of one batch
+        torch.manual_seed(0)
+        z = torch.randn(8, 6)
+        part = z[rank * 4:(rank + 1) * 4]
+        dl = dm.DINOLoss(6)
+        dl.update_center(part)
+        dl.apply_center_update()
+        sk = dm.DINOLoss(6).sinkhorn_knopp_teacher(part, 0.5)
+        ib = dm.iBOTPatchLoss(6).sinkhorn_knopp_teacher(part, 0.5, torch.tensor([4]))
+        torch.save({"center": dl.center, "sk": sk, "ibot_sk": ib}, os.path.join(result_dir, f"unit_{rank}.pt"))
+        # a short training run: both ranks must end with identical weights
+        cfg = dm.load_config("demo", TINY + ["dino.koleo_loss_weight=0", "evaluation.eval_period_iterations=0"])
+        model, _ = dm.train(cfg, device, out_dir, knn_data=None)
+        torch.save(model.state_dict(), os.path.join(result_dir, f"weights_{rank}.pt"))
+    finally:
+        dm.cleanup_distributed()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo(tmp_path):
+    """2 ranks x batch b equals 1 rank x batch 2b on the global quantities; ranks stay identical."""
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.multiprocessing.spawn(_dist_worker, args=(2, free_port(), str(out), str(tmp_path)), nprocs=2)
+    r0, r1 = torch.load(tmp_path / "unit_0.pt"), torch.load(tmp_path / "unit_1.pt")
+    torch.manual_seed(0)
+    z = torch.randn(8, 6)
+    torch.testing.assert_close(r0["center"], 0.1 * z.mean(0, keepdim=True))
+    torch.testing.assert_close(r0["center"], r1["center"])
+    full = dm.DINOLoss(6).sinkhorn_knopp_teacher(z, 0.5)
+    torch.testing.assert_close(torch.cat([r0["sk"], r1["sk"]]), full)
+    torch.testing.assert_close(torch.cat([r0["ibot_sk"], r1["ibot_sk"]]), full)
+    w0, w1 = torch.load(tmp_path / "weights_0.pt"), torch.load(tmp_path / "weights_1.pt")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert not torch.equal(w0["student.backbone.pos_embed"], dm.SSLMetaArch(tiny_config()).state_dict()["student.backbone.pos_embed"])
