@@ -543,13 +543,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 SHAPES = ("disk", "ring", "triangle", "square", "star", "cross", "bars", "dots", "half_disk", "ell")
-FILLS = ("plain", "h_stripes", "v_stripes", "checks", "plain", "diagonal", "plain", "grid", "h_stripes", "v_stripes")
 
 
 class ShapesDataset(torch.utils.data.Dataset):
     """Ours: a labelled dataset drawn on the fly with PIL, so `python dino_mini.py` needs no download.
-    Ten classes, each a shape with its own fill pattern, at a random position and size, with random
-    brightness, a faint random tint and a textured background. Image i is the same on every call.
+    Ten shape classes at a random position and size, nearly upright, with random brightness, a faint
+    random tint and a blotchy background. Image i is the same on every call.
     Why nuisances only this strong: DINO learns whatever stays the same across two crops of an image.
     A random hue per image would survive the official colour jitter and become the easiest thing to
     learn, drowning the shape (our measurements: kNN stayed at chance); brightness and faint tints are
@@ -576,15 +575,6 @@ class ShapesDataset(torch.utils.data.Dataset):
         for _ in range(rng.randrange(3, 8)):  # background texture: faint random blobs
             x, y, r0 = rng.uniform(0, s), rng.uniform(0, s), rng.uniform(2, 8)
             draw.ellipse([x - r0, y - r0, x + r0, y + r0], fill=tone(0, 110))
-        fill = Image.new("RGB", (s, s), tone(150, 255))  # the shape's fill pattern, per class
-        pattern, ink = ImageDraw.Draw(fill), tone(60, 140)
-        for k in range(-s, 2 * s, 5):
-            if FILLS[label] in ("h_stripes", "checks", "grid"):
-                pattern.line([(0, k), (s, k)], fill=ink, width=2 if FILLS[label] != "grid" else 1)
-            if FILLS[label] in ("v_stripes", "checks", "grid"):
-                pattern.line([(k, 0), (k, s)], fill=ink, width=2 if FILLS[label] != "grid" else 1)
-            if FILLS[label] == "diagonal":
-                pattern.line([(k, 0), (k + s, s)], fill=ink, width=2)
         mask = Image.new("L", (s, s), 0)
         draw = ImageDraw.Draw(mask)
         r = rng.uniform(0.3, 0.45) * s  # shape radius
@@ -623,7 +613,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             poly([(math.cos(math.pi * k / 12), math.sin(math.pi * k / 12)) for k in range(13)])
         else:  # "ell"
             poly([(-1, -1), (-.4, -1), (-.4, .4), (1, .4), (1, 1), (-1, 1)])
-        img.paste(fill, (0, 0), mask)
+        img.paste(Image.new("RGB", (s, s), tone(150, 255)), (0, 0), mask)
         return img, label
 
     def __getitem__(self, index):
@@ -959,7 +949,7 @@ class DinoVisionTransformer(nn.Module):
 
 
 VIT_SIZES = {  # name: (embed_dim, depth, num_heads); pico and tiny are ours, for CPU runs
-    "vit_pico": (64, 4, 4),
+    "vit_pico": (128, 4, 4),
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
@@ -1340,8 +1330,9 @@ def atomic_save(obj, path):
 
 
 def list_checkpoints(output_dir):
-    """Checkpoint files, newest first (iteration in the name); removes leftovers of interrupted saves."""
-    for tmp in glob.glob(os.path.join(output_dir, "*.tmp")):
+    """Checkpoint files, newest first (iteration in the name). Rank 0, the only writer, also removes
+    leftovers of saves interrupted by a kill."""
+    for tmp in glob.glob(os.path.join(output_dir, "*.tmp")) if get_rank() == 0 else []:
         with contextlib.suppress(OSError):
             os.remove(tmp)
     return sorted(glob.glob(os.path.join(output_dir, CKPT_GLOB)), reverse=True)
@@ -1463,12 +1454,13 @@ def infer_arch(state):
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, device, batch_size, autocast_ctx=contextlib.nullcontext(), desc=None):
+def extract_features(backbone, dataset, device, batch_size, autocast_ctx=contextlib.nullcontext(), desc=None,
+                     num_workers=0):
     """(n, D) L2-normalised cls features and (n,) labels. Under torchrun each rank encodes every W-th
     image and the pieces are gathered, so every rank ends with all features in dataset order."""
     rank, W = get_rank(), get_world_size()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), W))
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=0)
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
     feats, labels = [], []
     for images, target, _ in tqdm(loader, desc=desc, disable=desc is None or rank != 0, leave=False):
         with autocast_ctx:
@@ -1519,8 +1511,9 @@ def run_knn(cfg, backbone, knn_data, device, autocast_ctx, iteration, output_dir
     backbone.eval()
     train_set, val_set = knn_data
     bs = cfg.evaluation.knn_batch_size
-    train_f, train_l = extract_features(backbone, train_set, device, bs, autocast_ctx, desc=None)
-    val_f, val_l = extract_features(backbone, val_set, device, bs, autocast_ctx, desc=None)
+    workers = min(cfg.train.num_workers, 8)
+    train_f, train_l = extract_features(backbone, train_set, device, bs, autocast_ctx, num_workers=workers)
+    val_f, val_l = extract_features(backbone, val_set, device, bs, autocast_ctx, num_workers=workers)
     results = knn_classify(train_f, train_l, val_f, val_l, cfg.evaluation.knn_nb, cfg.evaluation.knn_temperature)
     backbone.train(was_training)
     if get_rank() == 0:
@@ -1681,7 +1674,7 @@ class SSLMetaArch(nn.Module):
     def forward(self, inputs):
         raise NotImplementedError("use forward_backward")
 
-    def forward_backward(self, images, teacher_temp):
+    def forward_backward(self, images, teacher_temp, mark=lambda stage: None):
         n_global_crops, n_local_crops = 2, self.cfg.crops.local_crops_number
         dev = self.dino_loss.center.device
         global_crops = images["collated_global_crops"].to(dev, non_blocking=True)  # (2B, 3, G, G)
@@ -1726,6 +1719,7 @@ class SSLMetaArch(nn.Module):
                 if self.do_ibot:
                     t_ibot = self.ibot_patch_loss.sinkhorn_knopp_teacher(t_patch_logits, teacher_temp, n_masked_patches_tensor)
 
+        mark("teacher")  # (mark: a timing hook for --benchmark; does nothing in training)
         # 3) student: masked global crops and local crops
         with self.autocast_ctx:
             local_logits, global_logits, patch_logits, s_cls = self.student_forward(
@@ -1753,7 +1747,9 @@ class SSLMetaArch(nn.Module):
                 loss = loss + self.cfg.ibot.loss_weight * ibot
 
         # 5) backward (scaled in fp16; the scaler does nothing otherwise)
+        mark("student")
         self.fp16_scaler.scale(loss).backward()
+        mark("backward")
         with torch.no_grad():  # collapse diagnostics, kept on the device until a log step reads them
             probs = t_dino.flatten(0, 1)
             self.diagnostics = {
@@ -1975,6 +1971,125 @@ def train(cfg, device, output_dir, knn_data=None):
     return model, knn_history
 
 
+def vit_flops(cfg, n_images, img_size):
+    """Forward FLOPs of the backbone on n_images of img_size (multiply-adds count 2)."""
+    D, depth, _ = VIT_SIZES[cfg.student.arch]
+    p = cfg.student.patch_size
+    N = (img_size // p) ** 2
+    T = 1 + cfg.student.num_register_tokens + N  # tokens per image
+    h = 4 * D if cfg.student.ffn_layer == "mlp" else (int(4 * D * 2 / 3) + 7) // 8 * 8
+    ffn = 2 * T * D * h * (2 if cfg.student.ffn_layer == "mlp" else 3)  # fc1 + fc2, or w12 (2h) + w3
+    block = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D + ffn  # qkv, qk^T and attn @ v, proj, ffn
+    return n_images * (2 * N * 3 * p * p * D + depth * block)
+
+
+def head_flops(cfg, n_tokens, section="dino"):
+    c = cfg[section]
+    hidden = c.head_hidden_dim
+    D = VIT_SIZES[cfg.student.arch][0]
+    mlp = D * hidden + hidden * hidden * max(c.head_nlayers - 2, 0) + hidden * c.head_bottleneck_dim
+    return 2 * n_tokens * (mlp + c.head_bottleneck_dim * c.head_n_prototypes)
+
+
+def step_flops(cfg, B, n_masked):
+    """Model FLOPs of one train step on one process: teacher forward, student forward + backward (3x)."""
+    G, L = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    n_loc = cfg.crops.local_crops_number * B
+    patch_section = "ibot" if cfg.ibot.separate_head else "dino"
+    teacher = vit_flops(cfg, 2 * B, G) + head_flops(cfg, 2 * B) + head_flops(cfg, n_masked, patch_section)
+    student = vit_flops(cfg, 2 * B, G) + vit_flops(cfg, n_loc, L) + head_flops(cfg, 2 * B + n_loc) \
+        + head_flops(cfg, n_masked, patch_section)
+    return teacher + 3 * student
+
+
+def measure_peak_flops(device, dtype, n=4096 if torch.cuda.is_available() else 1024, reps=10):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def benchmark(cfg, device, warmup=3, iters=10):
+    """Ours: the real train step on synthetic in-memory batches; prints speed, time split, memory, FLOPs."""
+    import resource
+
+    dtype = resolve_dtype(cfg, device)
+    B, W = cfg.train.batch_size_per_gpu, get_world_size()
+    cfg.optim.lr = cfg.optim.base_lr * math.sqrt(B * W / 1024.0)
+    model = SSLMetaArch(cfg, device, dtype).to(device)
+    model.prepare_for_distributed_training()
+    model.train()
+    optimizer = torch.optim.AdamW(model.get_params_groups(), fused=device.type == "cuda" or None)
+    G, L, p = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.student.patch_size
+    crops = [({"global_crops": [torch.randn(3, G, G) for _ in range(2)],
+               "local_crops": [torch.randn(3, L, L) for _ in range(cfg.crops.local_crops_number)]}, ())
+             for _ in range(B)]
+    gen = MaskingGenerator((G // p, G // p), max_num_patches=0.5 * (G // p) ** 2)
+    batch = collate_data_and_cast(crops, tuple(cfg.ibot.mask_ratio_min_max), cfg.ibot.mask_sample_probability,
+                                  torch.float32, (G // p) ** 2, gen)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {}
+
+    def mark(stage):
+        sync()
+        now = time.perf_counter()
+        times[stage] = times.get(stage, 0.0) + now - times["_last"]
+        times["_last"] = now
+
+    for i in range(warmup + iters):
+        if i == warmup:
+            times.clear()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        sync()
+        times["_last"] = t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        model.forward_backward(batch, teacher_temp=0.04, mark=mark)
+        model.fp16_scaler.step(optimizer)
+        model.fp16_scaler.update()
+        model.update_teacher(0.994)
+        mark("optimizer+ema")
+        times["step"] = times.get("step", 0.0) + time.perf_counter() - t0
+    flops = step_flops(cfg, B, int(batch["n_masked_patches"]))
+    step = times["step"] / iters
+    peak = measure_peak_flops(device, dtype)
+    mem = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    print0(f"benchmark: {cfg.student.arch}/{p}, batch {B} per process x {W}, {G}/{L} px crops, "
+           f"{str(dtype).replace('torch.', '')} on {device}")
+    print0(f"images/s: {B / step:.1f} per process, {B * W / step:.1f} total")
+    print0("time per step: " + ", ".join(f"{k} {1e3 * times[k] / iters:.1f} ms"
+                                          for k in ("teacher", "student", "backward", "optimizer+ema", "step")))
+    print0(f"peak memory: {mem:.2f} GiB ({'CUDA max allocated' if device.type == 'cuda' else 'process RSS'})")
+    print0(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP; achieved {flops / step / 1e12:.3f} TFLOP/s; "
+           f"peak (matmul, same dtype) {peak / 1e12:.3f} TFLOP/s; utilisation {100 * flops / step / peak:.1f}%")
+    return {"images_per_s": B / step, "step_s": step, "flops": flops, "mfu": flops / step / peak}
+
+
+def benchmark_data(cfg, path, batches=20):
+    """Ours: images/s through decoding, the 2 + L crops and collate, with train.num_workers workers."""
+    augmentation = DataAugmentationDINO(cfg.crops.global_crops_scale, cfg.crops.local_crops_scale,
+                                        cfg.crops.local_crops_number, cfg.crops.global_crops_size,
+                                        cfg.crops.local_crops_size)
+    loader = make_pretrain_loader(cfg, make_dataset(path, augmentation), 0, 0, 1)
+    it = iter(loader)
+    next(it)  # start the workers
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * cfg.train.batch_size_per_gpu / (time.perf_counter() - t0)
+    workers = max(cfg.train.num_workers, 1)
+    print(f"data: {rate:.1f} images/s with {cfg.train.num_workers} workers ({rate / workers:.1f} per worker), "
+          f"{cfg.crops.global_crops_size}/{cfg.crops.local_crops_size} px, 2 + {cfg.crops.local_crops_number} crops")
+    return rate
+
+
 def deviations_table(source=__file__):
     """The README's table of deliberate deviations, generated from the `# Deviation from official:`
     comments of this file (a test checks that README.md holds exactly this table)."""
@@ -2015,6 +2130,8 @@ def build_parser():
     p.add_argument("--out", metavar="FILE", help="output file of --extract-features")
     p.add_argument("--patch-features", action="store_true", help="with --extract-features: keep patch tokens too")
     p.add_argument("--image-size", type=int, help="image size for --visualize / --extract-features")
+    p.add_argument("--benchmark", action="store_true", help="time the train step on synthetic batches")
+    p.add_argument("--benchmark-data", metavar="DIR", help="time the data pipeline alone on DIR's images")
     p.add_argument("opts", nargs="*", metavar="section.key=value", help="config overrides")
     return p
 
@@ -2096,6 +2213,16 @@ def run(argv):
     cfg = load_config(preset, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    if args.benchmark_data:
+        find_images(args.benchmark_data)
+        return benchmark_data(cfg, args.benchmark_data) and 0
+    if args.benchmark:
+        rank, _, _, device = setup_distributed()
+        try:
+            benchmark(cfg, device)
+        finally:
+            cleanup_distributed()
+        return 0
     if args.visualize or args.extract_features:
         if args.extract_features:
             return cmd_extract_features(args, cfg, device) or 0
@@ -2140,8 +2267,8 @@ def run(argv):
         print("dino_mini: warning: KoLeo needs 2+ images per process; it is 0 with batch_size_per_gpu=1", file=sys.stderr)
 
     rank, local_rank, world_size, device = setup_distributed()
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    STOP["signal"] = None
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         print0(f"config: {preset} preset" + (f" + {' '.join(overrides)}" if overrides else ""))
         print0(json.dumps(cfg, indent=1))
@@ -2161,6 +2288,8 @@ def run(argv):
                 for f in demo_pictures(model.teacher.backbone, cfg, output_dir, device):
                     print0(f"wrote {f}")
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         cleanup_distributed()
     return 0
 

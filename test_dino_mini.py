@@ -128,16 +128,17 @@ def test_official_state_dict_loads_strictly(regs):
 def test_pos_embed_interpolation():
     """Identity when the grid matches; otherwise bicubic with the official scale factors (h/p + 0.1)/M."""
     model = dm.vit_pico(patch_size=4, img_size=32)
-    x = torch.zeros(1, 65, 64)
+    D = model.embed_dim
+    x = torch.zeros(1, 65, D)
     assert model.interpolate_pos_encoding(x, 32, 32) is model.pos_embed
-    y = model.interpolate_pos_encoding(torch.zeros(1, 1 + 6 * 4, 64), 24, 16)  # 6 x 4 patches
-    grid = model.pos_embed[:, 1:].reshape(1, 8, 8, 64).permute(0, 3, 1, 2)
-    ref = F.interpolate(grid, scale_factor=(6.1 / 8, 4.1 / 8), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 24, 64)
+    y = model.interpolate_pos_encoding(torch.zeros(1, 1 + 6 * 4, D), 24, 16)  # 6 x 4 patches
+    grid = model.pos_embed[:, 1:].reshape(1, 8, 8, D).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, scale_factor=(6.1 / 8, 4.1 / 8), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 24, D)
     torch.testing.assert_close(y[:, 1:], ref)
     torch.testing.assert_close(y[:, 0], model.pos_embed[:, 0])
     model.interpolate_offset, model.interpolate_antialias = 0.0, True  # register models: size + antialias
-    ref = F.interpolate(grid, size=(6, 4), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 24, 64)
-    torch.testing.assert_close(model.interpolate_pos_encoding(torch.zeros(1, 25, 64), 24, 16)[:, 1:], ref)
+    ref = F.interpolate(grid, size=(6, 4), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 24, D)
+    torch.testing.assert_close(model.interpolate_pos_encoding(torch.zeros(1, 25, D), 24, 16)[:, 1:], ref)
 
 
 def test_mask_tokens_change_exactly_the_masked_positions():
@@ -158,15 +159,16 @@ def test_vit_outputs_and_attention():
     model = dm.vit_pico(patch_size=4, img_size=32, num_register_tokens=4, init_values=1e-5).eval()
     x = torch.randn(2, 3, 32, 48)
     out = model.forward_features(x)
-    assert out["x_norm_clstoken"].shape == (2, 64) and out["x_norm_regtokens"].shape == (2, 4, 64)
-    assert out["x_norm_patchtokens"].shape == (2, 96, 64)
+    D = model.embed_dim
+    assert out["x_norm_clstoken"].shape == (2, D) and out["x_norm_regtokens"].shape == (2, 4, D)
+    assert out["x_norm_patchtokens"].shape == (2, 96, D)
     torch.testing.assert_close(model(x), out["x_norm_clstoken"])
     torch.testing.assert_close(out["x_norm_clstoken"], model.norm(out["x_prenorm"])[:, 0])
     attn = model.get_last_self_attention(x)
     assert attn.shape == (2, 4, 101, 101)
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 101))
     (patches, cls), = model.get_intermediate_layers(x, 1, reshape=True, return_class_token=True)
-    assert patches.shape == (2, 64, 8, 12)
+    assert patches.shape == (2, D, 8, 12)
     torch.testing.assert_close(cls, out["x_norm_clstoken"])
 
 
@@ -590,3 +592,236 @@ def test_two_process_gloo(tmp_path):
     w0, w1 = torch.load(tmp_path / "weights_0.pt"), torch.load(tmp_path / "weights_1.pt")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert not torch.equal(w0["student.backbone.pos_embed"], dm.SSLMetaArch(tiny_config()).state_dict()["student.backbone.pos_embed"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta's weights, pictures, features
+# ---------------------------------------------------------------------------------------------
+
+S14 = ["student.arch=vit_small", "student.patch_size=14", "crops.global_crops_size=28", "crops.local_crops_size=14",
+       "student.layerscale=1.0", "train.batch_size_per_gpu=4", "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=2",
+       "evaluation.eval_period_iterations=0", "optim.warmup_epochs=0", "teacher.warmup_teacher_temp_epochs=0"]
+
+
+@pytest.mark.parametrize("regs", [0, 4])
+def test_pretrained_official_keys_then_train(tmp_path, regs):
+    """An official-format s/14 (reg4) file loads through --pretrained into student and teacher, the
+    518 px position grid is resampled, two steps train, and the exported teacher reloads strictly."""
+    keys = official_vit_keys(384, 12, 14, 1370, regs)
+    torch.manual_seed(0)
+    state = {k: torch.randn(shape) * 0.02 for k, shape in keys.items()}
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(state, path)
+    extra = [f"student.num_register_tokens={regs}"] + (["student.interpolate_antialias=true",
+                                                        "student.interpolate_offset=0.0"] if regs else [])
+    out = str(tmp_path / "run")
+    code = dm.main(["--output-dir", out, "--pretrained", str(path), "evaluation.knn_max_images=20",
+                    "train.num_workers=0"] + S14 + extra)
+    assert code == 0
+    teacher = torch.load(os.path.join(out, "teacher_backbone.pth"))  # exported after the 2 steps
+    assert teacher["pos_embed"].shape == (1, 5, 384)
+    ckpt = torch.load(os.path.join(out, "model_0000002.pth"))["model"]
+    assert not torch.equal(ckpt["student.backbone.blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+    cfg = dm.load_config("demo", S14 + extra)
+    model = dm.build_backbone(cfg)
+    dm.load_pretrained_backbone(model, str(path))  # the resampled grid, from the official 37 x 37
+    grid = state["pos_embed"][:, 1:].reshape(1, 37, 37, 384).permute(0, 3, 1, 2)
+    kwargs = {"size": (2, 2), "antialias": True} if regs else {"scale_factor": (2.1 / 37, 2.1 / 37)}
+    ref = F.interpolate(grid, mode="bicubic", **kwargs).permute(0, 2, 3, 1).reshape(1, 4, 384)
+    torch.testing.assert_close(model.pos_embed[:, 1:], ref)
+    model.load_state_dict(teacher, strict=True)
+
+
+def test_visualize_and_extract_features(tmp_path):
+    """--visualize writes PNGs of the expected grid size; --extract-features writes one normalised
+    feature per image in sorted file order, the same on every call."""
+    code, out = run_cli(tmp_path)
+    assert code == 0
+    img_dir = tmp_path / "imgs"
+    for i, sub in enumerate(["b", "a", "a"]):
+        os.makedirs(img_dir / sub, exist_ok=True)
+        Image.new("RGB", (40 + i, 30), (50 * i, 90, 200)).save(img_dir / sub / f"im{i}.png")
+    pics = tmp_path / "pics"
+    assert dm.main(["--visualize", str(img_dir / "a" / "im1.png"), "--output-dir", str(out), "--image-size", "32"]) == 0
+    assert dm.main(["--visualize", str(img_dir / "b" / "im0.png"), "--pretrained",
+                    os.path.join(out, "teacher_backbone.pth"), "--output-dir", str(pics), "--image-size", "32"]) == 0
+    with Image.open(pics / "im0_pca.png") as im:
+        assert im.size == (2 * 34 + 2, 36)  # image | PCA, 32 px tiles with 2 px padding
+    with Image.open(os.path.join(out, "im1_attn.png")) as im:
+        assert im.size == ((2 + 4) * 34 + 2, 36)  # image | mean | 4 heads
+    feats = []
+    for name in ("f1.pt", "f2.pt"):
+        assert dm.main(["--extract-features", str(img_dir), "--pretrained", os.path.join(out, "teacher_backbone.pth"),
+                        "--out", str(tmp_path / name), "--image-size", "32"]) == 0
+        feats.append(torch.load(tmp_path / name))
+    assert feats[0]["paths"] == [os.path.join("a", "im1.png"), os.path.join("a", "im2.png"), os.path.join("b", "im0.png")]
+    assert feats[0]["cls"].shape == (3, dm.VIT_SIZES["vit_pico"][0]) and torch.equal(feats[0]["cls"], feats[1]["cls"])
+    torch.testing.assert_close(feats[0]["cls"].norm(dim=1), torch.ones(3))
+
+
+def test_readme_deviation_table_matches_the_code():
+    """README.md holds exactly the table generated from the `# Deviation from official:` comments."""
+    table = dm.deviations_table()
+    assert table.count("\n") >= 8
+    with open(os.path.join(HERE, "README.md")) as f:
+        assert table in f.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability: bad input, signals, kills, damaged checkpoints, non-finite losses
+# ---------------------------------------------------------------------------------------------
+
+
+def bad_cases(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    torch.save(dm.vit_small(patch_size=14).state_dict(), tmp_path / "vits14.pth")
+    return [
+        (["--data", str(tmp_path / "missing")], "does not exist"),
+        (["--data", str(tmp_path / "empty")], "no images found"),
+        (["--data", str(tmp_path / "file.txt")], "is a file"),
+        (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["optim.epochs=1.5"], "expects int"),
+        (["train.batch_size_per_gpu=-4"], "must be > 0"),
+        (["ibot.mask_ratio_min_max=[0.1,1.5]"], "0 <= low <= high <= 1"),
+        (["crops.global_crops_size=30"], "not a multiple of student.patch_size"),
+        (["crops.local_crops_number=-1"], "must be >= 0"),
+        (["--config", "vitl99"], "unknown --config"),
+        (["--output-dir", str(tmp_path / "file.txt" / "sub")], "not writable"),
+        (["--pretrained", str(tmp_path / "nope.pth")], "not found"),
+        (["--pretrained", str(tmp_path / "garbage.pth")], "not a PyTorch checkpoint"),
+        (["--pretrained", str(tmp_path / "vits14.pth")], "does not fit"),
+        (["--bogus-flag"], "unrecognized arguments"),
+    ]
+
+
+def test_bad_input_gives_one_clear_line(tmp_path, capsys):
+    """Each bad input: exit code 2 and a single `dino_mini: error:` line naming the problem."""
+    for args, fragment in bad_cases(tmp_path):
+        out_args = [] if any(a == "--output-dir" for a in args) else ["--output-dir", str(tmp_path / "o")]
+        assert dm.main(out_args + args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("dino_mini: error:") and fragment in err[0], (args, err)
+    assert not os.path.exists(tmp_path / "o" / "model_0000003.pth")
+
+
+def test_resume_refuses_another_config(tmp_path, capsys):
+    code, out = run_cli(tmp_path)
+    assert code == 0
+    assert dm.main(["--output-dir", out] + TINY + ["dino.head_n_prototypes=32"]) == 2
+    err = capsys.readouterr().err
+    assert "dino.head_n_prototypes: 256 -> 32" in err and "start fresh" in err
+
+
+def test_damaged_checkpoint_is_reported_and_skipped(tmp_path, capsys):
+    code, out = run_cli(tmp_path)
+    assert code == 0
+    newest = os.path.join(out, "model_0000006.pth")
+    with open(newest, "r+b") as f:
+        f.truncate(1000)
+    open(os.path.join(out, "model_0000009.pth.tmp"), "wb").close()  # a save interrupted by a kill
+    path, ckpt = dm.load_latest_checkpoint(out)
+    assert path.endswith("model_0000003.pth") and ckpt["iteration"] == 3
+    assert "damaged" in capsys.readouterr().out and not os.path.exists(os.path.join(out, "model_0000009.pth.tmp"))
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path, monkeypatch, capsys):
+    """A NaN in a loss term stops the run naming the term; the earlier checkpoint stays intact."""
+    calls = {"n": 0}
+    real = dm.KoLeoLoss.forward
+
+    def sometimes_nan(self, x, eps=1e-8):
+        calls["n"] += 1
+        return real(self, x, eps) * (float("nan") if calls["n"] > 8 else 1.0)  # 2 calls per iteration
+
+    monkeypatch.setattr(dm.KoLeoLoss, "forward", sometimes_nan)
+    code, out = run_cli(tmp_path)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss at iteration 5" in err and "koleo_loss=nan" in err
+    assert sorted(f for f in os.listdir(out) if f.startswith("model_")) == ["model_0000003.pth"]
+    assert dm.load_latest_checkpoint(out)[1]["iteration"] == 3
+
+
+LONG = ["optim.epochs=6", "train.checkpoint_period=2", "evaluation.eval_period_iterations=0"]
+
+
+def cli(out, *extra):
+    return [sys.executable, os.path.join(HERE, "dino_mini.py"), "--output-dir", str(out)] + TINY + LONG + list(extra)
+
+
+def wait_for_metrics(out, proc, n_lines, timeout=120):
+    t0 = time.time()
+    path = os.path.join(out, "training_metrics.json")
+    while time.time() - t0 < timeout and proc.poll() is None:
+        if os.path.exists(path) and len(open(path).read().splitlines()) >= n_lines:
+            return
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_and_kill9_resumes_exactly(tmp_path):
+    """SIGTERM: the step finishes, a checkpoint is written, exit 0. SIGKILL at a random moment: the
+    resumed run ends with the same weights as an uninterrupted one."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    ref = tmp_path / "ref"
+    subprocess.run(cli(ref), check=True, capture_output=True, env=env)
+    final = torch.load(ref / "model_0000018.pth")["model"]
+
+    term = tmp_path / "term"
+    proc = subprocess.Popen(cli(term), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    wait_for_metrics(term, proc, 5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"stopped by SIGTERM" in stdout
+    it = dm.load_latest_checkpoint(str(term))[1]["iteration"]
+    logged = [json.loads(line)["iteration"] for line in open(term / "training_metrics.json")]
+    assert 5 <= it < 18 and it == logged[-1]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    wait_for_metrics(killed, proc, random.Random().randint(3, 12))
+    proc.kill()
+    proc.wait()
+    for out in (term, killed):
+        subprocess.run(cli(out), check=True, capture_output=True, env=env)
+        resumed = torch.load(out / "model_0000018.pth")["model"]
+        assert all(torch.equal(final[k], resumed[k]) for k in final), out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gpu_step_is_finite(dtype):
+    cfg = tiny_config(f"compute_precision.dtype={dtype}")
+    device = torch.device("cuda")
+    model = dm.SSLMetaArch(cfg, device, dm.DTYPES[dtype]).to(device)
+    model.train()
+    losses = model.forward_backward(make_batch(cfg), teacher_temp=0.04)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert torch.cuda.max_memory_allocated() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def test_flop_count_by_hand():
+    """vit_pico/4 on one 8x8 image: 4 patches + cls = 5 tokens, D = 128, 4 blocks, MLP 512."""
+    cfg = dm.load_config("demo")
+    assert dm.VIT_SIZES["vit_pico"] == (128, 4, 4)
+    embed = 2 * 4 * (3 * 4 * 4) * 128  # patch projection
+    per_block = 2 * 5 * 128 * 384 + 2 * (2 * 5 * 5 * 128) + 2 * 5 * 128 * 128 + 2 * (2 * 5 * 128 * 512)
+    assert dm.vit_flops(cfg, 1, 8) == embed + 4 * per_block
+    K, hid, bott = cfg.dino.head_n_prototypes, cfg.dino.head_hidden_dim, cfg.dino.head_bottleneck_dim
+    assert dm.head_flops(cfg, 3) == 3 * 2 * (128 * hid + hid * hid + hid * bott + bott * K)
+
+
+def test_benchmark_prints_every_field(capsys):
+    cfg = tiny_config()
+    result = dm.benchmark(cfg, torch.device("cpu"), warmup=1, iters=2)
+    out = capsys.readouterr().out
+    for field in ("images/s", "teacher", "student", "backward", "optimizer+ema", "peak memory", "GFLOP",
+                  "utilisation"):
+        assert field in out
+    assert result["images_per_s"] > 0 and 0 < result["mfu"] < 1.5
