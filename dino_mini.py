@@ -1066,14 +1066,16 @@ def sinkhorn_knopp(teacher_output, teacher_temp, n_rows_total, n_iterations=3):
     return Q.t()  # (n, K)
 
 
-class DINOLoss(nn.Module):
-    """Cross-entropy between sharpened teacher targets and the student's cls-token distributions."""
+class CenteredTeacherLoss(nn.Module):
+    """What DINOLoss and iBOTPatchLoss share: the teacher centre, an EMA of the teacher logits. It is
+    updated one iteration late: update_center() starts an (async) all-reduce of this batch's sum, and
+    the next softmax_center_teacher() call waits for it and applies c <- m c + (1 - m) batch mean."""
 
-    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9):
+    def __init__(self, center_shape, student_temp=0.1, center_momentum=0.9):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center", torch.zeros(center_shape))
         self.updated = True
         self.reduce_handle = None
         self.len_teacher_output = None
@@ -1081,8 +1083,31 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output, teacher_temp):
-        self.apply_center_update()  # the centre from the previous iteration's teacher batch
+        self.apply_center_update()  # the centre from the previous iterations' teacher batches
         return F.softmax((teacher_output - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def start_center_update(self, batch_sum, n_rows):
+        self.updated = False
+        self.len_teacher_output = n_rows
+        self.async_batch_center = batch_sum
+        self.reduce_handle = all_reduce_(self.async_batch_center, async_op=True)  # global in the official code
+
+    @torch.no_grad()
+    def apply_center_update(self):
+        if self.updated is False:
+            if self.reduce_handle is not None:
+                self.reduce_handle.wait()
+            _t = self.async_batch_center / (self.len_teacher_output * get_world_size())
+            self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
+            self.updated = True
+
+
+class DINOLoss(CenteredTeacherLoss):
+    """Cross-entropy between sharpened teacher targets and the student's cls-token distributions."""
+
+    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9):
+        super().__init__((1, out_dim), student_temp, center_momentum)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_iterations=3):
@@ -1100,41 +1125,16 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_output):
-        """Start summing this batch's teacher logits across ranks; applied at the next iteration."""
-        self.updated = False
-        self.len_teacher_output = len(teacher_output)
-        self.async_batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
-        self.reduce_handle = all_reduce_(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self):
-        """c <- m c + (1 - m) mean(teacher logits over the global batch)."""
-        if self.updated is False:
-            if self.reduce_handle is not None:
-                self.reduce_handle.wait()
-            _t = self.async_batch_center / (self.len_teacher_output * get_world_size())
-            self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
-            self.updated = True
+        """The centre moves towards the mean teacher logits over the global batch (2B * W rows)."""
+        self.start_center_update(torch.sum(teacher_output, dim=0, keepdim=True), len(teacher_output))
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(CenteredTeacherLoss):
     """Masked image modelling against the teacher: the student sees masked patches, the teacher the
     same crop unmasked; at each masked position the student predicts the teacher's target distribution."""
 
     def __init__(self, patch_out_dim, student_temp=0.1, center_momentum=0.9):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
-        self.updated = True
-        self.reduce_handle = None
-        self.len_teacher_patch_tokens = None
-        self.async_batch_center = None
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_patch_tokens, teacher_temp):
-        self.apply_center_update()
-        return F.softmax((teacher_patch_tokens - self.center) / teacher_temp, dim=-1)
+        super().__init__((1, 1, patch_out_dim), student_temp, center_momentum)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output, teacher_temp, n_masked_patches_tensor, n_iterations=3):
@@ -1161,19 +1161,7 @@ class iBOTPatchLoss(nn.Module):
         """Expects (1, n_masked, K), as the official train step passes it. Official quirk (dinov2 issues
         #113, #546): len() of that is 1, so the centre moves towards the mean over masked tokens of each
         rank, averaged over ranks with equal weight, not the mean over all masked tokens."""
-        self.updated = False
-        self.len_teacher_patch_tokens = len(teacher_patch_tokens)
-        self.async_batch_center = torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True)
-        self.reduce_handle = all_reduce_(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self):
-        if self.updated is False:
-            if self.reduce_handle is not None:
-                self.reduce_handle.wait()
-            _t = self.async_batch_center / (self.len_teacher_patch_tokens * get_world_size())
-            self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
-            self.updated = True
+        self.start_center_update(torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True), len(teacher_patch_tokens))
 
 
 class KoLeoLoss(nn.Module):
@@ -1857,6 +1845,9 @@ def train(cfg, device, output_dir, knn_data=None):
 
     # ---- model, optimizer, schedules ----
     model = SSLMetaArch(cfg, device, dtype).to(device)
+    if cfg.train.compile:  # in place, so parameter names (and checkpoints) stay the same
+        model.student.backbone.compile()
+        model.teacher.backbone.compile()
     model.prepare_for_distributed_training()
     model.train()
     n_params = sum(p.numel() for p in model.student.backbone.parameters())

@@ -825,3 +825,20 @@ def test_benchmark_prints_every_field(capsys):
                   "utilisation"):
         assert field in out
     assert result["images_per_s"] > 0 and 0 < result["mfu"] < 1.5
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """A failing write (disk full) is reported; the earlier checkpoint survives, no temporary file stays."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "iteration" in obj and obj["iteration"] == 6:
+            raise OSError(28, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(dm.torch, "save", save)
+    code, out = run_cli(tmp_path)
+    assert code == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not any(f.endswith(".tmp") for f in os.listdir(out)) and "model_0000006.pth" not in os.listdir(out)
+    assert dm.load_latest_checkpoint(out)[1]["iteration"] == 3
