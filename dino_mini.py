@@ -880,7 +880,8 @@ class DinoVisionTransformer(nn.Module):
         M = int(math.sqrt(N))
         assert N == M * M, "the stored position embedding must be a square grid"
         if self.interpolate_offset:
-            kwargs = {"scale_factor": (float(w0 + self.interpolate_offset) / M, float(h0 + self.interpolate_offset) / M)}
+            off = self.interpolate_offset
+            kwargs = {"scale_factor": (float(w0 + off) / M, float(h0 + off) / M)}
         else:
             kwargs = {"size": (w0, h0)}
         patch_pos_embed = F.interpolate(patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic",
@@ -1161,7 +1162,8 @@ class iBOTPatchLoss(CenteredTeacherLoss):
         """Expects (1, n_masked, K), as the official train step passes it. Official quirk (dinov2 issues
         #113, #546): len() of that is 1, so the centre moves towards the mean over masked tokens of each
         rank, averaged over ranks with equal weight, not the mean over all masked tokens."""
-        self.start_center_update(torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True), len(teacher_patch_tokens))
+        per_rank_mean = torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True)  # (1, 1, K)
+        self.start_center_update(per_rank_mean, len(teacher_patch_tokens))
 
 
 class KoLeoLoss(nn.Module):
@@ -1268,7 +1270,8 @@ def build_schedulers(cfg):
     lr = dict(base_value=cfg.optim.lr, final_value=cfg.optim.min_lr, total_iters=total,
               warmup_iters=cfg.optim.warmup_epochs * E, start_warmup_value=0)
     last_layer_lr = CosineScheduler(**lr)
-    last_layer_lr.schedule[:cfg.optim.freeze_last_layer_epochs * E] = [0.0] * min(total, cfg.optim.freeze_last_layer_epochs * E)
+    frozen = min(total, cfg.optim.freeze_last_layer_epochs * E)
+    last_layer_lr.schedule[:frozen] = [0.0] * frozen
     warm_temp = cfg.teacher.warmup_teacher_temp_epochs * E
     return {
         "lr": CosineScheduler(**lr),
@@ -1356,9 +1359,10 @@ def save_checkpoint(output_dir, model, optimizer, scaler, iteration, cfg, keep):
     model.dino_loss.apply_center_update()  # fold in the pending centre update: exact, and saved with it
     if model.do_ibot:
         model.ibot_patch_loss.apply_center_update()
-    state = {"iteration": iteration, "config": json.loads(json.dumps(cfg)), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                                                    "cuda": torch.cuda.get_rng_state_all()}}
+    state = {"iteration": iteration, "config": json.loads(json.dumps(cfg)), "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all()}}
     atomic_save(state, os.path.join(output_dir, f"model_{iteration:07d}.pth"))
     for old in list_checkpoints(output_dir)[keep:]:
         os.remove(old)
@@ -1397,7 +1401,8 @@ def load_pretrained_backbone(backbone, path):
         raise UserError(f"'{path}' is not a PyTorch checkpoint ({type(e).__name__})") from None
     state = backbone_state_from_file(obj)
     if state is None:
-        raise UserError(f"'{path}' holds no ViT backbone state dict (expected keys like pos_embed, blocks.0.attn.qkv.weight)")
+        raise UserError(f"'{path}' holds no ViT backbone state dict (expected keys like pos_embed, "
+                        f"blocks.0.attn.qkv.weight)")
     expected = backbone.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shape_bad = [k for k in expected if k in state and k != "pos_embed" and state[k].shape != expected[k].shape]
@@ -1406,7 +1411,8 @@ def load_pretrained_backbone(backbone, path):
         raise UserError(
             f"'{path}' does not fit student.arch={type(backbone).__name__} with embed_dim {backbone.embed_dim}, "
             f"{backbone.n_blocks} blocks, patch {backbone.patch_size}, {backbone.num_register_tokens} registers "
-            f"(found a {found} model; missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {shape_bad[:3]}). "
+            f"(found a {found} model; missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shapes {shape_bad[:3]}). "
             f"Set student.arch / patch_size / num_register_tokens / ffn_layer to match the file")
     pos = state["pos_embed"]
     if pos.shape != expected["pos_embed"].shape:  # resample the grid once, as the forward pass would
@@ -1459,7 +1465,8 @@ def extract_features(backbone, dataset, device, batch_size, autocast_ctx=context
     if W > 1:  # pad shards to equal length, all-gather, then interleave back to dataset order
         n_max = math.ceil(len(dataset) / W)
         pad = n_max - len(feats)
-        feats, labels = torch.cat([feats, feats.new_zeros(pad, feats.shape[1])]), torch.cat([labels, labels.new_zeros(pad)])
+        feats = torch.cat([feats, feats.new_zeros(pad, feats.shape[1])])
+        labels = torch.cat([labels, labels.new_zeros(pad)])
         all_f, all_l = [torch.empty_like(feats) for _ in range(W)], [torch.empty_like(labels) for _ in range(W)]
         dist.all_gather(all_f, feats)
         dist.all_gather(all_l, labels)
@@ -1541,8 +1548,9 @@ def visualize(backbone, image_paths, output_dir, image_size, device="cpu", image
     p, R = backbone.patch_size, backbone.num_register_tokens
     transform = make_eval_transform(image_size)
     written = []
-    items = images if images is not None else [(os.path.splitext(os.path.basename(q))[0], load_rgb(q)) for q in image_paths]
-    for name, img in items:
+    if images is None:
+        images = [(os.path.splitext(os.path.basename(q))[0], load_rgb(q)) for q in image_paths]
+    for name, img in images:
         x = transform(img).unsqueeze(0).to(device)  # (1, 3, S, S)
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         shown = (x[0] * torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
@@ -1645,7 +1653,8 @@ class SSLMetaArch(nn.Module):
         for p in self.teacher.parameters():
             p.requires_grad = False
         # the multi-crop forward shares the student's modules; kept out of state_dict on purpose
-        object.__setattr__(self, "student_forward", MultiCropStudent(self.student, self.do_ibot, self.ibot_separate_head))
+        student_forward = MultiCropStudent(self.student, self.do_ibot, self.ibot_separate_head)
+        object.__setattr__(self, "student_forward", student_forward)
         self.diagnostics = {}
 
     def prepare_for_distributed_training(self):
@@ -1696,16 +1705,18 @@ class SSLMetaArch(nn.Module):
         with torch.no_grad():
             t_cls_logits = t_cls_logits.float()  # (2B, K)
             if self.cfg.train.centering == "centering":
-                t_dino = self.dino_loss.softmax_center_teacher(t_cls_logits, teacher_temp).view(n_global_crops, -1, self.dino_out_dim)
+                t_dino = self.dino_loss.softmax_center_teacher(t_cls_logits, teacher_temp)
                 self.dino_loss.update_center(t_cls_logits)
                 if self.do_ibot:
                     t_patch_logits = t_patch_logits.float().unsqueeze(0)  # (1, n_masked, K)
                     t_ibot = self.ibot_patch_loss.softmax_center_teacher(t_patch_logits, teacher_temp).squeeze(0)
                     self.ibot_patch_loss.update_center(t_patch_logits)
             else:
-                t_dino = self.dino_loss.sinkhorn_knopp_teacher(t_cls_logits, teacher_temp).view(n_global_crops, -1, self.dino_out_dim)
+                t_dino = self.dino_loss.sinkhorn_knopp_teacher(t_cls_logits, teacher_temp)
                 if self.do_ibot:
-                    t_ibot = self.ibot_patch_loss.sinkhorn_knopp_teacher(t_patch_logits, teacher_temp, n_masked_patches_tensor)
+                    t_ibot = self.ibot_patch_loss.sinkhorn_knopp_teacher(t_patch_logits, teacher_temp,
+                                                                         n_masked_patches_tensor)
+            t_dino = t_dino.view(n_global_crops, -1, self.dino_out_dim)  # (2, B, K): [teacher view 2; view 1]
 
         mark("teacher")  # (mark: a timing hook for --benchmark; does nothing in training)
         # 3) student: masked global crops and local crops
@@ -1941,7 +1952,8 @@ def train(cfg, device, output_dir, knn_data=None):
                     f.write(json.dumps(m) + "\n")
                 bar.set_postfix(loss=f"{m['total_loss']:.3f}")
                 bar.write(f"it {it:07d}/{total_iters} | loss {m['total_loss']:.4f} | "
-                          + " ".join(f"{k.replace('_crops_loss', '').replace('_loss', '')} {m[k]:.3f}" for k in loss_names)
+                          + " ".join(f"{k.replace('_crops_loss', '').replace('_loss', '')} {m[k]:.3f}"
+                                     for k in loss_names)
                           + f" | lr {lr:.2e} | wd {wd:.3f} | mom {mom:.4f} | t_temp {teacher_temp:.4f}"
                           + f" | H(t) {m['teacher_entropy']:.2f}/{m['ln_K']:.2f} | cls_std {m['cls_std']:.2f}"
                           + f" | {m['img_per_s']:.0f} img/s" + (f" | skipped {n_skipped}" if n_skipped else ""))
@@ -2253,9 +2265,10 @@ def run(argv):
                     ImageFolderDataset(ev.knn_val_dataset, eval_t, ev.knn_max_images))
     elif not cfg.train.dataset_path:  # built-in shapes: their train / val splits
         eval_t = make_eval_transform(cfg.crops.global_crops_size)
-        knn_data = (make_dataset("", eval_t, "train", ev.knn_max_images), make_dataset("", eval_t, "val", ev.knn_max_images))
+        knn_data = tuple(make_dataset("", eval_t, split, ev.knn_max_images) for split in ("train", "val"))
     if cfg.dino.koleo_loss_weight > 0 and cfg.train.batch_size_per_gpu < 2:
-        print("dino_mini: warning: KoLeo needs 2+ images per process; it is 0 with batch_size_per_gpu=1", file=sys.stderr)
+        print("dino_mini: warning: KoLeo needs 2+ images per process; it is 0 with batch_size_per_gpu=1",
+              file=sys.stderr)
 
     rank, local_rank, world_size, device = setup_distributed()
     STOP["signal"] = None
