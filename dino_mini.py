@@ -621,6 +621,21 @@ class ShapesDataset(torch.utils.data.Dataset):
         return self.transform(img), label, 0
 
 
+def held_out_knn_split(cfg, max_train=10000, max_val=2000):
+    """Ours: when --data has class sub-folders and no kNN datasets are named, the kNN monitor uses a
+    fixed random split of it: 20% (at most max_val images) as queries, the rest (at most max_train)
+    as neighbours. Pre-training still sees every image; it never sees the labels."""
+    dataset = ImageFolderDataset(cfg.train.dataset_path, make_eval_transform(cfg.crops.global_crops_size))
+    if len(dataset.classes) < 2 or len(dataset) < 10:
+        return None
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    n_val = min(len(dataset) // 5, max_val)
+    val, train = sorted(perm[:n_val]), sorted(perm[n_val:n_val + max_train])
+    print0(f"kNN monitor: {len(train)} / {len(val)} images of '{cfg.train.dataset_path}' "
+           f"({len(dataset.classes)} classes) as neighbours / queries")
+    return torch.utils.data.Subset(dataset, train), torch.utils.data.Subset(dataset, val)
+
+
 def make_eval_transform(crop_size):
     """Official classification eval transform: Resize(256) + CenterCrop(224), scaled to crop_size."""
     return transforms.Compose([
@@ -2266,6 +2281,8 @@ def run(argv):
     elif not cfg.train.dataset_path:  # built-in shapes: their train / val splits
         eval_t = make_eval_transform(cfg.crops.global_crops_size)
         knn_data = tuple(make_dataset("", eval_t, split, ev.knn_max_images) for split in ("train", "val"))
+    else:  # a labelled --data folder monitors itself
+        knn_data = held_out_knn_split(cfg)
     if cfg.dino.koleo_loss_weight > 0 and cfg.train.batch_size_per_gpu < 2:
         print("dino_mini: warning: KoLeo needs 2+ images per process; it is 0 with batch_size_per_gpu=1",
               file=sys.stderr)

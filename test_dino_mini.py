@@ -854,3 +854,18 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     assert "No space left on device" in capsys.readouterr().err
     assert not any(f.endswith(".tmp") for f in os.listdir(out)) and "model_0000006.pth" not in os.listdir(out)
     assert dm.load_latest_checkpoint(out)[1]["iteration"] == 3
+
+
+def test_labelled_data_folder_gets_a_knn_monitor(tmp_path):
+    """--data with class sub-folders: pre-training reads every image, kNN uses a held-out split."""
+    for c, colour in enumerate([(250, 20, 20), (20, 20, 250)]):
+        os.makedirs(tmp_path / "data" / f"class{c}")
+        for i in range(10):
+            Image.new("RGB", (40, 40), tuple(max(0, v - 5 * i) for v in colour)).save(
+                tmp_path / "data" / f"class{c}" / f"{i}.JPEG")
+    code, out = run_cli(tmp_path, "--config", "demo", "--data", str(tmp_path / "data"))
+    assert code == 0
+    knn = [json.loads(line) for line in open(os.path.join(out, "eval_knn.jsonl"))]
+    assert [r["iteration"] for r in knn if r["k"] == 10] == [0, 3, 6]
+    assert {r["top1"] for r in knn} <= {0.0, 25.0, 50.0, 75.0, 100.0}  # 4 held-out queries (20% of 20)
+    assert {r["k"] for r in knn} == {10, 16}  # k capped by the 16 neighbours
