@@ -539,7 +539,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 print(f"dino_mini: warning: skipping unreadable image {self.paths[i]} ({e})", file=sys.stderr)
                 continue
             return self.transform(img), self.labels[i], skipped
-        raise RuntimeError(f"100 unreadable images in a row near {self.paths[index]}; is this an image folder?")
+        raise UserError(f"{min(len(self.paths), 100)} unreadable images in a row near {self.paths[index]}; "
+                        f"is this a folder of images?")
 
 
 SHAPES = ("disk", "ring", "triangle", "square", "star", "cross", "bars", "dots", "half_disk", "ell")
@@ -2216,7 +2217,12 @@ def main(argv=None):
     try:
         return run(argv)
     except UserError as e:
-        print(f"dino_mini: error: {e}", file=sys.stderr, flush=True)
+        for bar in list(getattr(tqdm, "_instances", [])):  # end an open progress bar's line first
+            bar.close()
+        message = str(e).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep its last line only
+            message = message.splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"dino_mini: error: {message}", file=sys.stderr, flush=True)
         return 2
 
 
