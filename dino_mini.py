@@ -429,6 +429,7 @@ class MaskingGenerator:
         return delta
 
     def __call__(self, num_masking_patches=0):
+        # Deviation from official: returns a torch bool tensor instead of a numpy array (same values).
         mask = torch.zeros(self.height, self.width, dtype=torch.bool)  # (H, W) in patches
         mask_count = 0
         while mask_count < num_masking_patches:
@@ -1855,7 +1856,9 @@ def train(cfg, device, output_dir, knn_data=None):
     E = cfg.train.OFFICIAL_EPOCH_LENGTH
     total_iters = cfg.optim.epochs * E
     dtype = resolve_dtype(cfg, device)
-    torch.manual_seed(cfg.train.seed + rank)  # official: 0 + rank
+    # Deviation from official: seeds are train.seed + rank (official always uses 0 + rank and never
+    # reads train.seed); the default train.seed=0 gives the official seeds.
+    torch.manual_seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls, as official
     torch.backends.cudnn.allow_tf32 = True
