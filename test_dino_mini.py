@@ -4,6 +4,7 @@ Everything runs on CPU with tiny models in a few minutes; GPU tests skip without
 checked against hand computations or closed forms, not only shapes.
 """
 
+import copy
 import io
 import json
 import math
@@ -671,9 +672,31 @@ def test_visualize_and_extract_features(tmp_path):
     torch.testing.assert_close(feats[0]["cls"].norm(dim=1), torch.ones(3))
 
 
+def deviations_table(source=os.path.join(HERE, "dino_mini.py")):
+    """The README's table of deliberate deviations, generated from the `# Deviation from official:`
+    comments of dino_mini.py (`python test_dino_mini.py` prints it for the README)."""
+    rows, cls, where = [], "", "(module)"
+    lines = open(source).read().splitlines()
+    for i, line in enumerate(lines):
+        text = line.strip()
+        name = text.split()[1].split("(")[0].rstrip(":") if text.startswith(("def ", "class ")) else None
+        if name and line.startswith(("def ", "class ")):  # top level
+            cls, where = (name if text.startswith("class ") else ""), name
+        elif name and line.startswith("    def ") and cls:  # a method
+            where = f"{cls}.{name}"
+        if text.startswith("# Deviation from official:"):
+            words = [text.split(":", 1)[1].strip()]
+            for follow in lines[i + 1:]:
+                if not follow.strip().startswith("#"):
+                    break
+                words.append(follow.strip().lstrip("#").strip())
+            rows.append(f"| `{where}` | {' '.join(words)} |")
+    return "\n".join(["| where in dino_mini.py | deviation and why |", "|---|---|"] + rows)
+
+
 def test_readme_deviation_table_matches_the_code():
     """README.md holds exactly the table generated from the `# Deviation from official:` comments."""
-    table = dm.deviations_table()
+    table = deviations_table()
     assert table.count("\n") >= 8
     with open(os.path.join(HERE, "README.md")) as f:
         assert table in f.read()
@@ -721,6 +744,17 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys):
                if "warning: skipping" not in e and not e.startswith("train:")]
         assert len(err) == 1 and err[0].startswith("dino_mini: error:") and fragment in err[0], (args, err)
     assert not os.path.exists(tmp_path / "o" / "model_0000003.pth")
+
+
+def test_out_of_memory_is_one_line_with_advice(monkeypatch, capsys):
+    def oom(argv):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(dm, "run", oom)
+    assert dm.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dino_mini: error: GPU out of memory (CUDA out of memory.")
+    assert "train.batch_size_per_gpu" in err
 
 
 def test_resume_refuses_another_config(tmp_path, capsys):
@@ -806,16 +840,30 @@ def test_sigterm_saves_and_kill9_resumes_exactly(tmp_path):
         assert all(torch.equal(final[k], resumed[k]) for k in final), out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_gpu_step_is_finite(dtype):
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", "bf16"), pytest.param("cuda", "bf16", marks=GPU),
+                                          pytest.param("cuda", "fp16", marks=GPU)])
+def test_mixed_precision_steps_are_finite_and_report_memory(device, dtype, capsys):
+    """Two full train steps under autocast (fp16 with the grad scaler), then the benchmark's memory line."""
     cfg = tiny_config(f"compute_precision.dtype={dtype}")
-    device = torch.device("cuda")
-    model = dm.SSLMetaArch(cfg, device, dm.DTYPES[dtype]).to(device)
-    model.train()
-    losses = model.forward_backward(make_batch(cfg), teacher_temp=0.04)
-    assert all(torch.isfinite(v) for v in losses.values())
-    assert torch.cuda.max_memory_allocated() > 0
+    dev = torch.device(device)
+    model, optimizer = dm.build_model_and_optimizer(cfg, dev, dm.DTYPES[dtype])
+    assert model.fp16_scaler.is_enabled() == (dtype == "fp16")
+    before = copy.deepcopy(model.student.state_dict())
+    for seed in range(2):
+        losses = dm.train_step(model, optimizer, make_batch(cfg, seed=seed), lr=1e-3, wd=0.04, mom=0.99,
+                               teacher_temp=0.04, last_layer_lr=0.0)
+        assert all(torch.isfinite(v) for v in losses.values()), losses
+    assert dm.params_finite(model)
+    moved = not torch.equal(before["backbone.blocks.0.attn.qkv.weight"].to(dev),
+                            model.student.state_dict()["backbone.blocks.0.attn.qkv.weight"])
+    assert moved or model.fp16_scaler.get_scale() < 2.0 ** 16  # or fp16 overflow skipped both steps
+    dm.benchmark(cfg, dev, warmup=1, iters=1)
+    out = capsys.readouterr().out
+    assert ("CUDA max allocated" if device == "cuda" else "process RSS") in out
+    assert ("bfloat16" if dtype == "bf16" else "float16") in out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -874,3 +922,7 @@ def test_labelled_data_folder_gets_a_knn_monitor(tmp_path):
     assert [r["iteration"] for r in knn if r["k"] == 10] == [0, 3, 6]
     assert {r["top1"] for r in knn} <= {0.0, 25.0, 50.0, 75.0, 100.0}  # 4 held-out queries (20% of 20)
     assert {r["k"] for r in knn} == {10, 16}  # k capped by the 16 neighbours
+
+
+if __name__ == "__main__":  # print the README's deviations table
+    print(deviations_table())
