@@ -1883,7 +1883,8 @@ def build_model_and_optimizer(cfg, device, dtype):
         model.teacher.backbone.compile()
     model.prepare_for_distributed_training()
     model.train()
-    # one fused kernel for all parameters on GPU; the multi-tensor (foreach) version on CPU
+    # one fused kernel for all parameters on GPU (gain not yet measured); the multi-tensor (foreach)
+    # version on CPU: 77 ms against 300 ms a step for the per-tensor loop, ViT-S/16 + heads, measured here
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.get_params_groups(), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
                                   fused=fused or None, foreach=None if fused else True)
@@ -2070,7 +2071,10 @@ def step_flops(cfg, B, n_masked):
     return teacher + 3 * student
 
 
-def measure_peak_flops(device, dtype, n=4096 if torch.cuda.is_available() else 1024, reps=10):
+def measure_peak_flops(device, dtype, reps=10):
+    """FLOP/s of a large square matmul in this dtype: the achievable peak that utilisation refers to.
+    8192 on a GPU, so that each product takes milliseconds and launch overheads do not count."""
+    n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
