@@ -398,6 +398,7 @@ class DataAugmentationDINO:
 
 
 def make_augmentation(cfg):
+    """The multi-crop augmentation with the crop settings of cfg.crops."""
     return DataAugmentationDINO(cfg.crops.global_crops_scale, cfg.crops.local_crops_scale,
                                 cfg.crops.local_crops_number, cfg.crops.global_crops_size, cfg.crops.local_crops_size)
 
@@ -1978,13 +1979,15 @@ def train(cfg, device, output_dir, knn_data=None):
     # a CPU side channel so that all ranks agree on stopping without a GPU sync
     stop_group = dist.new_group(backend="gloo") if W > 1 else None
     metrics_file = os.path.join(output_dir, "training_metrics.json")
-    loss_names, n_skipped, last_log = [], 0, (time.time(), start_iter)
+    loss_names, n_skipped, last_log, data_wait = [], 0, (time.time(), start_iter), 0.0
     bar = tqdm(total=total_iters, initial=start_iter, disable=not master_process, dynamic_ncols=True, desc="train")
     it = start_iter
     data_iter = iter(loader)
     # ---- the training loop ----
     while it < total_iters:
-        data = next(data_iter)
+        t_wait = time.perf_counter()
+        data = next(data_iter)  # blocks only when the workers are behind: the loop is data-bound
+        data_wait += time.perf_counter() - t_wait
         n_skipped += data["n_skipped"]
         # the schedules, indexed by the global iteration; then one step (train_step above)
         lr, wd, mom = schedules["lr"][it], schedules["wd"][it], schedules["mom"][it]
@@ -2011,8 +2014,9 @@ def train(cfg, device, output_dir, knn_data=None):
             now = time.time()
             m.update(iteration=it, total_loss=sum(m[k] for k in loss_names), lr=lr, wd=wd, mom=mom,
                      last_layer_lr=last_layer_lr, teacher_temp=teacher_temp, ln_K=math.log(model.dino_out_dim),
-                     img_per_s=B * W * (it - last_log[1]) / max(now - last_log[0], 1e-9), n_skipped=n_skipped)
-            last_log = (now, it)
+                     img_per_s=B * W * (it - last_log[1]) / max(now - last_log[0], 1e-9), n_skipped=n_skipped,
+                     data_wait=data_wait / max(now - last_log[0], 1e-9))  # share of the time spent waiting
+            last_log, data_wait = (now, it), 0.0
             if master_process:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(m) + "\n")
@@ -2022,7 +2026,8 @@ def train(cfg, device, output_dir, knn_data=None):
                                      for k in loss_names)
                           + f" | lr {lr:.2e} | wd {wd:.3f} | mom {mom:.4f} | t_temp {teacher_temp:.4f}"
                           + f" | H(t) {m['teacher_entropy']:.2f}/{m['ln_K']:.2f} | cls_std {m['cls_std']:.2f}"
-                          + f" | {m['img_per_s']:.0f} img/s" + (f" | skipped {n_skipped}" if n_skipped else ""))
+                          + f" | {m['img_per_s']:.0f} img/s | data wait {100 * m['data_wait']:.0f}%"
+                          + (f" | skipped {n_skipped}" if n_skipped else ""))
         if is_eval or it == total_iters:
             evaluate(it)
         if is_save:

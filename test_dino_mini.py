@@ -536,6 +536,7 @@ def test_end_to_end_run_writes_outputs(tmp_path):
     metrics = [json.loads(line) for line in open(os.path.join(out, "training_metrics.json"))]
     assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert {"teacher_entropy", "cls_std", "lr", "teacher_temp", "img_per_s", "ibot_loss"} <= set(metrics[0])
+    assert all(0 <= m["data_wait"] <= 1.01 for m in metrics)  # a share of wall time
     cfg = tiny_config()
     backbone = dm.build_backbone(cfg, drop_path=False)
     backbone.load_state_dict(torch.load(os.path.join(out, "teacher_backbone.pth")), strict=True)
