@@ -29,7 +29,9 @@ Sections, in reading order:
     8. Checkpointing       atomic saves, resume, teacher export, loading Meta's weights
     9. Evaluation          kNN monitor, feature extraction, PCA and attention pictures
    10. SSLMetaArch         the train step: teacher, student, losses, backward, EMA
-   11. Training           train() tells the whole run as one story; main() is the entry point
+   11. Training           train_step() is one iteration, train() tells the whole run as one story
+   12. Benchmark          FLOPs of a step, the step and the data pipeline timed (--benchmark)
+   13. Command line       main() is the entry point: training, pictures, features, benchmark
 """
 
 import argparse
@@ -1829,7 +1831,7 @@ class SSLMetaArch(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# 11. Training (dinov2/train/train.py) and the command line
+# 11. Training (dinov2/train/train.py): train_step() is one iteration, train() the whole run
 # -------------------------------------------------------------------------------------------------
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -1876,6 +1878,8 @@ def params_finite(model):
 
 def build_model_and_optimizer(cfg, device, dtype):
     """SSLMetaArch on the device (compiled if asked, wrapped in DDP under torchrun) and its AdamW."""
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls, as official (matters in fp32 only)
+    torch.backends.cudnn.allow_tf32 = True
     model = SSLMetaArch(cfg, device, dtype).to(device)
     # compiled in place, so parameter names (and checkpoints) stay the same. Measured on CPU (demo):
     # 115 images/s against 120 without, hence off by default; not yet measured on GPUs.
@@ -1929,8 +1933,6 @@ def train(cfg, device, output_dir, knn_data=None):
     # reads train.seed); the default train.seed=0 gives the official seeds.
     torch.manual_seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls, as official
-    torch.backends.cudnn.allow_tf32 = True
     print0(f"global batch {B * W} ({B} per process x {W}), lr {cfg.optim.lr:.3g} (base {cfg.optim.base_lr} x "
            f"sqrt({B * W}/1024)), {total_iters} iterations ({cfg.optim.epochs} epochs of {E}), "
            f"{str(dtype).replace('torch.', '')} on {device}")
@@ -2045,6 +2047,12 @@ def train(cfg, device, output_dir, knn_data=None):
     return model, knn_history
 
 
+# -------------------------------------------------------------------------------------------------
+# 12. Benchmark (ours): FLOPs counted from the config, the train step timed on synthetic batches,
+# the data pipeline timed alone. README "Speed" has the measured numbers.
+# -------------------------------------------------------------------------------------------------
+
+
 def vit_flops(cfg, n_images, img_size):
     """Forward FLOPs of the backbone on n_images of img_size (multiply-adds count 2)."""
     D, depth, _ = VIT_SIZES[cfg.student.arch]
@@ -2156,6 +2164,11 @@ def benchmark_data(cfg, path, batches=20):
     print(f"data: {rate:.1f} images/s with {cfg.train.num_workers} workers ({rate / workers:.1f} per worker), "
           f"{cfg.crops.global_crops_size}/{cfg.crops.local_crops_size} px, 2 + {cfg.crops.local_crops_number} crops")
     return rate
+
+
+# -------------------------------------------------------------------------------------------------
+# 13. Command line: training by default; --benchmark, --visualize, --extract-features
+# -------------------------------------------------------------------------------------------------
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -887,10 +887,21 @@ def test_benchmark_prints_every_field(capsys):
     cfg = tiny_config()
     result = dm.benchmark(cfg, torch.device("cpu"), warmup=1, iters=2)
     out = capsys.readouterr().out
-    for field in ("images/s", "teacher", "student", "backward", "optimizer+ema", "peak memory", "GFLOP",
-                  "utilisation"):
+    for field in ("images/s", "per process", "total", "teacher", "student", "backward", "optimizer+ema",
+                  "peak memory", "GFLOP", "TFLOP/s", "utilisation", "compile False"):
         assert field in out
     assert result["images_per_s"] > 0 and 0 < result["mfu"] < 1.5
+
+
+def test_benchmark_data_times_the_pipeline(tmp_path, capsys):
+    for i in range(6):
+        Image.new("RGB", (64 + 8 * i, 48), (40 * i, 90, 200)).save(tmp_path / f"{i}.jpg")
+    assert dm.main(["--benchmark-data", str(tmp_path), "train.num_workers=0", "train.batch_size_per_gpu=3"]) == 0
+    out = capsys.readouterr().out
+    rate = float(out.split("data: ")[1].split(" images/s")[0])
+    assert rate > 0 and "with 0 workers" in out and "2 + 4 crops" in out
+    assert dm.main(["--benchmark-data", str(tmp_path / "missing")]) == 2
+    assert "dino_mini: error: data folder" in capsys.readouterr().err
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
