@@ -2100,9 +2100,8 @@ def measure_peak_flops(device, dtype, reps=10):
 
 
 def benchmark(cfg, device, warmup=3, iters=10):
-    """Ours: the real train step on synthetic in-memory batches; prints speed, time split, memory, FLOPs."""
-    import resource
-
+    """Ours: the real train step on synthetic in-memory batches; prints speed, time split, memory, FLOPs,
+    and the same as one JSON line (`result: {...}`) for tables."""
     dtype = resolve_dtype(cfg, device)
     B, W = cfg.train.batch_size_per_gpu, get_world_size()
     cfg.optim.lr = cfg.optim.base_lr * math.sqrt(B * W / 1024.0)
@@ -2137,8 +2136,7 @@ def benchmark(cfg, device, warmup=3, iters=10):
     flops = step_flops(cfg, B, int(batch["n_masked_patches"]))
     step = times["step"] / iters
     peak = measure_peak_flops(device, dtype)
-    mem = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else peak_rss_gib()
     print0(f"benchmark: {cfg.student.arch}/{p}, batch {B} per process x {W}, {G}/{L} px crops, "
            f"{str(dtype).replace('torch.', '')} on {device}, compile {cfg.train.compile}")
     print0(f"images/s: {B / step:.1f} per process, {B * W / step:.1f} total")
@@ -2147,7 +2145,22 @@ def benchmark(cfg, device, warmup=3, iters=10):
     print0(f"peak memory: {mem:.2f} GiB ({'CUDA max allocated' if device.type == 'cuda' else 'process RSS'})")
     print0(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP; achieved {flops / step / 1e12:.3f} TFLOP/s; "
            f"peak (matmul, same dtype) {peak / 1e12:.3f} TFLOP/s; utilisation {100 * flops / step / peak:.1f}%")
-    return {"images_per_s": B / step, "step_s": step, "flops": flops, "mfu": flops / step / peak}
+    result = {"arch": f"{cfg.student.arch}/{p}", "batch_per_process": B, "processes": W, "device": str(device),
+              "dtype": str(dtype).replace("torch.", ""), "compile": cfg.train.compile, "images_per_s": B / step,
+              "step_s": step, **{f"{k}_s": times[k] / iters
+                                 for k in ("teacher", "student", "backward", "optimizer+ema")},
+              "peak_memory_gib": mem, "flops": flops, "peak_flops": peak, "mfu": flops / step / peak}
+    print0("result: " + json.dumps(result))
+    return result
+
+
+def peak_rss_gib():
+    """Peak resident memory of this process (ru_maxrss is in KiB on Linux, bytes on macOS; no Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20)
 
 
 def benchmark_data(cfg, path, batches=20):

@@ -891,6 +891,8 @@ def test_benchmark_prints_every_field(capsys):
                   "peak memory", "GFLOP", "TFLOP/s", "utilisation", "compile False"):
         assert field in out
     assert result["images_per_s"] > 0 and 0 < result["mfu"] < 1.5
+    assert json.loads(out.split("result: ")[1].splitlines()[0]) == json.loads(json.dumps(result))
+    assert result["step_s"] >= sum(result[f"{k}_s"] for k in ("teacher", "student", "backward")) > 0
 
 
 def test_benchmark_data_times_the_pipeline(tmp_path, capsys):
