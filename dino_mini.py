@@ -452,7 +452,8 @@ class MaskingGenerator:
 def collate_data_and_cast(samples_list, mask_ratio_tuple, mask_probability, dtype, n_tokens=None,
                           mask_generator=None):
     """Stack crops crop-major ([view 1 of all images; view 2 of all images]) and draw iBOT masks for a
-    fraction of the 2B global crops, with mask ratios stratified over `mask_ratio_tuple`."""
+    fraction of the 2B global crops, with mask ratios stratified over `mask_ratio_tuple`. Each sample
+    is (crops dict, label, ...); labels are ignored: pre-training is self-supervised."""
     n_global_crops = len(samples_list[0][0]["global_crops"])
     n_local_crops = len(samples_list[0][0]["local_crops"])
     collated_global_crops = torch.stack([s[0]["global_crops"][i] for i in range(n_global_crops) for s in samples_list])
@@ -693,20 +694,6 @@ class InfiniteSampler(torch.utils.data.Sampler):
             n_pass, offset = n_pass + 1, 0
 
 
-class PretrainSample:
-    """Dataset item for pre-training: (crops dict, (), skipped) - labels are ignored, as official."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        crops, _, skipped = self.dataset[index]
-        return crops, (), skipped
-
-
 def make_pretrain_loader(cfg, dataset, start_iter, rank, world_size):
     n_tokens = (cfg.crops.global_crops_size // cfg.student.patch_size) ** 2
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
@@ -724,7 +711,7 @@ def make_pretrain_loader(cfg, dataset, start_iter, rank, world_size):
     workers = cfg.train.num_workers
     # Deviation from official: crops stay fp32 (autocast casts them); official collates them to fp16.
     return torch.utils.data.DataLoader(
-        PretrainSample(dataset), batch_size=B, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+        dataset, batch_size=B, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=workers > 0, generator=g)
 
 

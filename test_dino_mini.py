@@ -46,7 +46,7 @@ def make_batch(cfg, n_images=4, seed=0):
     torch.manual_seed(seed)
     aug = dm.DataAugmentationDINO(cfg.crops.global_crops_scale, cfg.crops.local_crops_scale,
                                   cfg.crops.local_crops_number, cfg.crops.global_crops_size, cfg.crops.local_crops_size)
-    data = dm.PretrainSample(dm.ShapesDataset(n_images, aug))
+    data = dm.ShapesDataset(n_images, aug)  # (crops, label, skipped); the collate ignores the label
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
     gen = dm.MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
     return dm.collate_data_and_cast([data[i] for i in range(n_images)], tuple(cfg.ibot.mask_ratio_min_max),
