@@ -1885,8 +1885,8 @@ def build_model_and_optimizer(cfg, device, dtype):
 
 def train_step(model, optimizer, data, lr, wd, mom, teacher_temp, last_layer_lr, backbone_lr_factor=1.0,
                mark=lambda stage: None):
-    """One iteration of official train.py, given this iteration's schedule values. No host sync here:
-    the returned losses stay on the device until a log step reads them."""
+    """One iteration of official train.py, given this iteration's schedule values. No host sync here
+    (but the fp16 scaler's inf check): the returned losses stay on the device until a log step."""
     # 1) this iteration's lr and weight decay into every parameter group
     apply_optim_scheduler(optimizer, lr, wd, last_layer_lr, backbone_lr_factor)
     # 2-5) teacher forward, student forward, losses, backward
