@@ -2161,7 +2161,7 @@ def benchmark_data(cfg, path, batches=20):
         next(it)
     rate = batches * cfg.train.batch_size_per_gpu / (time.perf_counter() - t0)
     workers = max(cfg.train.num_workers, 1)
-    print(f"data: {rate:.1f} images/s with {cfg.train.num_workers} workers ({rate / workers:.1f} per worker), "
+    print(f"data: {rate:.1f} images/s with train.num_workers={cfg.train.num_workers} ({rate / workers:.1f} per worker), "
           f"{cfg.crops.global_crops_size}/{cfg.crops.local_crops_size} px, 2 + {cfg.crops.local_crops_number} crops")
     return rate
 
