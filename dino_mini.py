@@ -66,14 +66,12 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 
-
 # -------------------------------------------------------------------------------------------------
 # 1. Config (dinov2/configs/ssl_default_config.yaml, dinov2/utils/config.py)
 # Same sections, keys and defaults as the official YAML, so a preset can be put beside the official
 # file line by line. Keys marked "ours" do not exist there. The defaults are the ImageNet recipe;
 # small runs are presets in configs.json. Overrides are checked in section 15.
 # -------------------------------------------------------------------------------------------------
-
 
 DEFAULTS = {
     "compute_precision": {
@@ -172,10 +170,8 @@ DEFAULTS = {
     },
 }
 
-
 class UserError(Exception):
     """A problem with the user's input: main() prints it as one `dino_mini: error: ...` line."""
-
 
 class Config(dict):
     """A nested dict with attribute access (cfg.optim.base_lr), like the official OmegaConf."""
@@ -191,7 +187,6 @@ class Config(dict):
 
     def __setattr__(self, key, value):
         self[key] = value
-
 
 def load_config(name="default", overrides=()):
     """Defaults, then the named preset from configs.json, then "section.key=value" overrides."""
@@ -210,7 +205,6 @@ def load_config(name="default", overrides=()):
     validate_config(cfg)
     return cfg
 
-
 def apply_scaling_rules(cfg, world_size):
     """The lr actually used: base_lr x sqrt(global batch / 1024) (official sqrt_wrt_1024 rule).
     Written into cfg, so config.json and the checkpoints record it, as official config.yaml does."""
@@ -223,7 +217,6 @@ def apply_scaling_rules(cfg, world_size):
 # and WORLD_SIZE; then we start nccl (GPU) or gloo (CPU). Every collective of the algorithm goes
 # through all_reduce_, which does nothing without a group, so the losses also run in one process.
 # -------------------------------------------------------------------------------------------------
-
 
 def setup_distributed():
     """Returns (rank, world_size, device); starts a process group when launched by torchrun."""
@@ -238,19 +231,15 @@ def setup_distributed():
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return dist.get_rank(), dist.get_world_size(), device
 
-
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
 def get_rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
-
 def get_world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
 
 def all_reduce_(tensor, op="sum", async_op=False):
     """In-place all-reduce across ranks; a no-op (returning None) in a plain single process."""
@@ -259,18 +248,15 @@ def all_reduce_(tensor, op="sum", async_op=False):
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
     return dist.all_reduce(tensor, op=ops[op], async_op=async_op)
 
-
 def print0(*args, **kwargs):
     """print on rank 0 only, so an 8-GPU run does not say everything 8 times."""
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
 
-
 def seed_everything(seed):
     """Seed torch (CPU and CUDA) and Python's random, as official fix_random_seeds(0 + rank)."""
     random.seed(seed)
     torch.manual_seed(seed)
-
 
 @contextlib.contextmanager
 def seeded_rng(seed):
@@ -294,11 +280,9 @@ def seeded_rng(seed):
 # folders and the built-in dataset are machinery: section 11.)
 # -------------------------------------------------------------------------------------------------
 
-
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")
-
 
 class DataAugmentationDINO:
     """Two global crops and `local_crops_number` local crops of one image (DINO sec. 3.1)."""
@@ -344,7 +328,6 @@ class DataAugmentationDINO:
                 "global_crops_teacher": [global_crop_1, global_crop_2],  # the teacher's two views
                 "local_crops": local_crops, "offsets": ()}
 
-
 class MaskingGenerator:
     """Block-wise masks for iBOT (BEiT, arXiv:2106.08254): rectangles of random area and aspect
     ratio are added until the target number of patches is masked. Never masks more than that."""
@@ -388,7 +371,6 @@ class MaskingGenerator:
             mask_count += delta
         return mask
 
-
 def collate_data_and_cast(samples_list, mask_ratio_tuple, mask_probability, dtype, n_tokens=None,
                           mask_generator=None):
     """Stack crops crop-major ([view 1 of all images; view 2 of all images]) and draw iBOT masks
@@ -429,13 +411,12 @@ def collate_data_and_cast(samples_list, mask_ratio_tuple, mask_probability, dtyp
                                        dtype=torch.long),
     }
 
-
 class ImageFolderDataset(torch.utils.data.Dataset):
     """The images of an ImageList through a transform. An unreadable or truncated file is skipped
     (the next image is used instead) and counted: items are (transformed, label, n_skipped)."""
 
     def __init__(self, images, transform):
-        self.images, self.transform = images, transform
+        self.images, self.transform, self.labels = images, transform, images.labels
 
     def __len__(self):
         return len(self.images)
@@ -455,15 +436,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                         f"{self.images.relpath(index)} in '{self.images.root}'; "
                         f"is this a folder of images?")
 
-
 def make_eval_transform(crop_size):
-    """Official classification eval transform: Resize(256) + CenterCrop(224), scaled to crop_size."""
+    """The official eval transform, Resize(256) + CenterCrop(224), scaled to crop_size."""
     return transforms.Compose([
         transforms.Resize(round(crop_size * 256 / 224),
                           interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(crop_size), transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
 
 class InfiniteSampler(torch.utils.data.Sampler):
     """Endless stream of (dataset index, sample seed) for one rank, with the official
@@ -491,7 +470,6 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 yield order[i], hash((self.seed, self.rank, position)) % 2 ** 63
             n_pass, offset = n_pass + 1, 0
 
-
 class SeededSamples(torch.utils.data.Dataset):
     """Ours: item (index, seed) is dataset[index] made under its own seed, plus that seed. The
     batches are then a function of (train.seed, rank, iteration) alone: the same for any number
@@ -510,7 +488,6 @@ class SeededSamples(torch.utils.data.Dataset):
         with seeded_rng(seed):
             return (*self.dataset[index], seed)
 
-
 def collate_pretrain(samples, **kwargs):
     """collate_data_and_cast under the batch's own seed (so the masks, too, depend only on the
     position in the stream), plus how many unreadable files were skipped."""
@@ -518,7 +495,6 @@ def collate_pretrain(samples, **kwargs):
         batch = collate_data_and_cast(samples, **kwargs)
     batch["n_skipped"] = sum(s[2] for s in samples)
     return batch
-
 
 def make_pretrain_loader(cfg, dataset, start_iter, rank, world_size):
     """Batches of B images from iteration start_iter on, for this rank (official train.py)."""
@@ -549,7 +525,6 @@ def make_pretrain_loader(cfg, dataset, start_iter, rank, world_size):
 # load with strict=True and our exported teachers load into theirs.
 # -------------------------------------------------------------------------------------------------
 
-
 class PatchEmbed(nn.Module):
     """Cut the image into p x p patches and project each to D dims with one strided convolution."""
 
@@ -566,7 +541,6 @@ class PatchEmbed(nn.Module):
         assert H % p == 0 and W % p == 0, f"image size {H}x{W} is not a multiple of patch {p}"
         x = self.proj(x)  # (B, D, H/p, W/p)
         return self.norm(x.flatten(2).transpose(1, 2))  # (B, N, D), patches in row-major order
-
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads=8, qkv_bias=False, proj_bias=True):
@@ -587,7 +561,6 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C / heads)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
-
 class Mlp(nn.Module):
     def __init__(self, in_features, hidden_features, bias=True):
         super().__init__()
@@ -597,7 +570,6 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
-
 
 class SwiGLUFFNFused(nn.Module):
     """SwiGLU feed-forward (ViT-g): w3(silu(a) * b) with a, b = w12(x) split in two. The hidden
@@ -613,9 +585,8 @@ class SwiGLUFFNFused(nn.Module):
         a, b = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
 
-
 class LayerScale(nn.Module):
-    """Per-channel residual scale gamma (CaiT), initialised small so deep nets start near identity."""
+    """Per-channel residual scale gamma (CaiT), initialised small: deep nets start near identity."""
 
     def __init__(self, dim, init_values=1e-5):
         super().__init__()
@@ -623,7 +594,6 @@ class LayerScale(nn.Module):
 
     def forward(self, x):
         return x * self.gamma
-
 
 def drop_add_residual_stochastic_depth(x, residual_func, sample_drop_ratio):
     """Stochastic depth, official "batch subset" flavour: compute the residual branch for a random
@@ -636,7 +606,6 @@ def drop_add_residual_stochastic_depth(x, residual_func, sample_drop_ratio):
     out = torch.index_add(x.flatten(1), 0, brange, residual.flatten(1).to(x.dtype),
                           alpha=b / subset)
     return out.view_as(x)
-
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
@@ -669,7 +638,6 @@ class Block(nn.Module):
             return drop_add_residual_stochastic_depth(x, ffn_residual, self.sample_drop_ratio)
         x = x + attn_residual(x)
         return x + ffn_residual(x)
-
 
 class DinoVisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
@@ -804,7 +772,6 @@ class DinoVisionTransformer(nn.Module):
         ret = self.forward_features(*args, **kwargs)
         return ret if is_training else self.head(ret["x_norm_clstoken"])
 
-
 VIT_SIZES = {  # name: (embed_dim, depth, num_heads); pico and tiny are ours, for CPU runs
     "vit_pico": (128, 4, 4),
     "vit_tiny": (192, 12, 3),
@@ -814,17 +781,14 @@ VIT_SIZES = {  # name: (embed_dim, depth, num_heads); pico and tiny are ours, fo
     "vit_giant2": (1536, 40, 24),  # head dim 64
 }
 
-
 def _vit(arch, patch_size=16, **kwargs):
     embed_dim, depth, num_heads = VIT_SIZES[arch]
     return DinoVisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                                  num_heads=num_heads, mlp_ratio=4, **kwargs)
 
-
 vit_pico, vit_tiny = partial(_vit, "vit_pico"), partial(_vit, "vit_tiny")
 vit_small, vit_base = partial(_vit, "vit_small"), partial(_vit, "vit_base")
 vit_large, vit_giant2 = partial(_vit, "vit_large"), partial(_vit, "vit_giant2")
-
 
 def build_backbone(cfg, drop_path=True):
     """The student or teacher ViT from cfg.student (official models/__init__.py:build_model)."""
@@ -846,7 +810,6 @@ def build_backbone(cfg, drop_path=True):
 # K prototypes: the logits are cosine similarities to the prototypes, times a learned g.
 # -------------------------------------------------------------------------------------------------
 
-
 class WeightNormLinear(nn.Module):
     """Linear layer without bias whose weight is g * v / ||v|| per output row (Salimans & Kingma
     2016): the parameters (weight_g (K, 1), weight_v (K, in)) and maths of the deprecated
@@ -861,7 +824,6 @@ class WeightNormLinear(nn.Module):
     def forward(self, x):
         weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
         return F.linear(x, weight)  # (T, K)
-
 
 class DINOHead(nn.Module):
     """Projection head: MLP -> L2-normalise -> weight-normalised linear onto K prototypes."""
@@ -904,7 +866,6 @@ class DINOHead(nn.Module):
 # would become uniform. Both ends are collapse: every image gets the same output.
 # -------------------------------------------------------------------------------------------------
 
-
 @torch.no_grad()
 def sinkhorn_knopp(teacher_output, teacher_temp, n_rows_total, n_iterations=3):
     """Teacher logits (n, K) to targets whose rows sum to 1 while, over the global batch of
@@ -924,7 +885,6 @@ def sinkhorn_knopp(teacher_output, teacher_temp, n_rows_total, n_iterations=3):
         Q /= n_rows_total
     Q *= n_rows_total  # rows (samples) sum to one
     return Q.t()  # (n, K)
-
 
 class CenteredTeacherLoss(nn.Module):
     """What DINOLoss and iBOTPatchLoss share: the centre, an EMA of the teacher logits, updated
@@ -963,7 +923,6 @@ class CenteredTeacherLoss(nn.Module):
             self.center = self.center * self.center_momentum + _t * (1 - self.center_momentum)
             self.updated = True
 
-
 class DINOLoss(CenteredTeacherLoss):
     """Cross-entropy between sharpened teacher targets and the student's cls-token distributions."""
 
@@ -987,8 +946,7 @@ class DINOLoss(CenteredTeacherLoss):
     @torch.no_grad()
     def update_center(self, teacher_output):
         """The centre moves towards the mean teacher logits of the global batch (2B x W rows)."""
-        self.start_center_update(torch.sum(teacher_output, dim=0, keepdim=True), len(teacher_output))
-
+        self.start_center_update(teacher_output.sum(dim=0, keepdim=True), len(teacher_output))
 
 class iBOTPatchLoss(CenteredTeacherLoss):
     """Masked image modelling against the teacher: the student sees masked patches, the teacher the
@@ -1025,7 +983,6 @@ class iBOTPatchLoss(CenteredTeacherLoss):
         tokens of each rank, averaged over ranks with equal weights, not over all masked tokens."""
         per_rank_mean = torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True)  # (1, 1, K)
         self.start_center_update(per_rank_mean, len(teacher_patch_tokens))
-
 
 class KoLeoLoss(nn.Module):
     """Kozachenko-Leonenko entropy estimator (Sablayrolles et al. 2019): -mean log(distance to the
@@ -1064,7 +1021,6 @@ class KoLeoLoss(nn.Module):
 # teacher's other view (DINO); masked patches learn the teacher's unmasked patches (iBOT).
 # -------------------------------------------------------------------------------------------------
 
-
 class MultiCropStudent(nn.Module):
     """The student's forward over both crop groups, one module so that one DDP wraps it (one
     gradient all-reduce per step, like DINO v1's MultiCropWrapper)."""
@@ -1096,7 +1052,6 @@ class MultiCropStudent(nn.Module):
         if self.do_ibot:
             patch_logits = self.student.ibot_head(masked) if self.separate_head else parts.pop(0)
         return local_logits, global_logits, patch_logits, g["x_norm_clstoken"]
-
 
 class SSLMetaArch(nn.Module):
     def __init__(self, cfg, device="cpu", dtype=torch.float32):
@@ -1290,7 +1245,6 @@ class SSLMetaArch(nn.Module):
 # all indexed by the iteration, set lr, weight decay, EMA momentum and teacher temperature.
 # -------------------------------------------------------------------------------------------------
 
-
 def get_vit_lr_decay_rate(name, lr_decay_rate=1.0, num_layers=12, force_is_backbone=False):
     """Layer-wise lr decay: decay^(num_layers + 1 - layer_id). Tokens and embeddings are layer 0,
     block i is layer i + 1, everything after the blocks (final norm, heads) gets multiplier 1."""
@@ -1302,7 +1256,6 @@ def get_vit_lr_decay_rate(name, lr_decay_rate=1.0, num_layers=12, force_is_backb
         elif "blocks." in name and "residual." not in name:
             layer_id = int(name[name.find("blocks."):].split(".")[1]) + 1
     return lr_decay_rate ** (num_layers + 1 - layer_id)
-
 
 def get_params_groups_with_decay(model, lr_decay_rate=1.0, patch_embed_lr_mult=1.0):
     """One dict per parameter: its lr and weight-decay multipliers, and whether it is a last
@@ -1320,7 +1273,6 @@ def get_params_groups_with_decay(model, lr_decay_rate=1.0, patch_embed_lr_mult=1
                                                    else 1.0)})
     return groups
 
-
 def fuse_params_groups(all_params_groups, keys=("lr_multiplier", "wd_multiplier", "is_last_layer")):
     """Merge the parameters that share (lr multiplier, wd multiplier, last layer) into one group."""
     fused = {}
@@ -1329,7 +1281,6 @@ def fuse_params_groups(all_params_groups, keys=("lr_multiplier", "wd_multiplier"
                                                              "params": []})
         group["params"].append(d["params"])
     return list(fused.values())
-
 
 class CosineScheduler:
     """A value per iteration: freeze_iters zeros, a linear warm-up from start_warmup_value to
@@ -1343,13 +1294,13 @@ class CosineScheduler:
         warmup = torch.linspace(start_warmup_value, base_value, warmup_iters, dtype=torch.float64)
         n = total_iters - warmup_iters - freeze_iters
         iters = torch.arange(n, dtype=torch.float64)
-        cosine = final_value + 0.5 * (base_value - final_value) * (1 + torch.cos(math.pi * iters / n))
+        cosine = final_value + 0.5 * (base_value - final_value) * (
+            1 + torch.cos(math.pi * iters / n))
         self.schedule = torch.cat((freeze, warmup, cosine)).tolist()
         assert len(self.schedule) == self.total_iters
 
     def __getitem__(self, it):
         return self.final_value if it >= self.total_iters else self.schedule[it]
-
 
 def build_schedulers(cfg):
     """The five schedules of official train.py, in iterations (an epoch: OFFICIAL_EPOCH_LENGTH)."""
@@ -1372,7 +1323,6 @@ def build_schedulers(cfg):
         "last_layer_lr": last_layer_lr,
     }
 
-
 def apply_optim_scheduler(optimizer, lr, wd, last_layer_lr, backbone_lr_factor=1.0):
     """Per group: lr = (last-layer lr or lr) x multiplier, wd = wd x multiplier.
     backbone_lr_factor is ours: 0 during train.freeze_backbone_iterations, so only heads move."""
@@ -1390,17 +1340,14 @@ def apply_optim_scheduler(optimizer, lr, wd, last_layer_lr, backbone_lr_factor=1
 # the log line, the evaluations and the checkpoints, in the official order.
 # -------------------------------------------------------------------------------------------------
 
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STOP = {"signal": None}  # set by SIGTERM / SIGINT: the loop finishes its step, saves and exits
-
 
 def resolve_dtype(cfg, device):
     name = cfg.compute_precision.dtype
     if name == "auto":  # fp16 + loss scaling on GPU, as the released models; fp32 on CPU
         name = "fp16" if device.type == "cuda" else "fp32"
     return DTYPES[name]
-
 
 def build_model_and_optimizer(cfg, device, dtype):
     """SSLMetaArch on the device (compiled if asked, in DDP under torchrun) and its AdamW."""
@@ -1418,7 +1365,6 @@ def build_model_and_optimizer(cfg, device, dtype):
                                   foreach=None if fused else True,
                                   betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
     return model, optimizer
-
 
 def train_step(model, optimizer, data, lr, wd, mom, teacher_temp, last_layer_lr,
                backbone_lr_factor=1.0):
@@ -1441,7 +1387,6 @@ def train_step(model, optimizer, data, lr, wd, mom, teacher_temp, last_layer_lr,
     model.update_teacher(mom)
     return loss_dict
 
-
 def train(cfg, device, output_dir, knn_data=None, images=None):
     """The whole pre-training run (official do_train). Returns (model, kNN results by iteration)."""
     rank, W = get_rank(), get_world_size()
@@ -1454,8 +1399,8 @@ def train(cfg, device, output_dir, knn_data=None, images=None):
     # train.seed); the default train.seed=0 gives the official seeds.
     seed_everything(cfg.train.seed + rank)
     print0(f"global batch {B * W} ({B} per process x {W}), lr {cfg.optim.lr:.3g} (base "
-           f"{cfg.optim.base_lr} x sqrt({B * W}/1024)), {total_iters} iterations ({cfg.optim.epochs}"
-           f" epochs of {E}), {str(dtype).replace('torch.', '')} on {device}")
+           f"{cfg.optim.base_lr} x sqrt({B * W}/1024)), {total_iters} iterations "
+           f"({cfg.optim.epochs} epochs of {E}), {str(dtype).replace('torch.', '')} on {device}")
 
     # ---- data, model, optimizer, schedules ----
     augmentation = DataAugmentationDINO(
@@ -1513,7 +1458,6 @@ def train(cfg, device, output_dir, knn_data=None, images=None):
     log.close()
     return model, knn_history
 
-
 def reduce_losses(loss_dict, diagnostics, stop):
     """The losses and diagnostics averaged over ranks, and whether any rank was asked to stop:
     one all-reduce and one host sync per iteration (.tolist() waits for the GPU)."""
@@ -1524,7 +1468,6 @@ def reduce_losses(loss_dict, diagnostics, stop):
     all_reduce_(values)
     values = values.tolist()
     return {k: v / get_world_size() for k, v in zip(names, values)}, values[-1] > 0
-
 
 def check_finite(values, loss_names, iteration, output_dir):
     """Stop the run on a non-finite loss, naming the term, before anything is saved."""
@@ -1550,19 +1493,15 @@ def check_finite(values, loss_names, iteration, output_dir):
 # at any moment leaves the previous file whole; the same command again resumes from the newest.
 # -------------------------------------------------------------------------------------------------
 
-
 CKPT_GLOB = "model_*.pth"
 RUNTIME_KEYS = {"train.num_workers", "train.log_every", "train.output_dir", "train.compile",
                 "train.checkpoint_period", "train.keep_checkpoints", "optim.lr"}  # may change
 
-
 class NonFiniteLoss(UserError):
     pass
 
-
 def request_stop(signum, frame):
     STOP["signal"] = signal.Signals(signum).name
-
 
 class RunLog:
     """The log line and training_metrics.json: per log step, the median of the last 20 values
@@ -1609,7 +1548,8 @@ class RunLog:
             f"it {iteration:07d}/{self.total_iters} | loss {m['total_loss']:.4f} | "
             + " ".join(f"{k.replace('_crops_loss', '').replace('_loss', '')} {m[k]:.3f}"
                        for k in losses)
-            + f" | lr {m['lr']:.2e} wd {m['wd']:.3f} mom {m['mom']:.4f} t_temp {m['teacher_temp']:.4f}"
+            + f" | lr {m['lr']:.2e} wd {m['wd']:.3f} mom {m['mom']:.4f}"
+            + f" t_temp {m['teacher_temp']:.4f}"
             + f" | H(t) {m['teacher_entropy']:.2f}/{self.ln_K:.2f}"
             + (" UNIFORM (collapse)" if uniform else "") + f" cls_std {m['cls_std']:.2f}"
             + f" | {m['img_per_s']:.0f} img/s, data wait {100 * m['data_wait']:.0f}%"
@@ -1617,7 +1557,6 @@ class RunLog:
 
     def close(self):
         self.bar.close()
-
 
 def atomic_save(obj, path):
     """torch.save to path.tmp, flush to disk, then rename: readers see the old file or the new."""
@@ -1634,14 +1573,12 @@ def atomic_save(obj, path):
         raise UserError(f"could not write {path} ({e.strerror or e}); earlier checkpoints are "
                         f"intact") from None
 
-
 def list_checkpoints(output_dir):
     """Checkpoint files, newest first. Rank 0, the only writer, also removes what a kill left."""
     for tmp in glob.glob(os.path.join(output_dir, "*.tmp")) if get_rank() == 0 else []:
         with contextlib.suppress(OSError):
             os.remove(tmp)
     return sorted(glob.glob(os.path.join(output_dir, CKPT_GLOB)), reverse=True)
-
 
 def load_latest_checkpoint(output_dir):
     """The newest checkpoint that loads; a damaged one is reported and the one before it used."""
@@ -1656,7 +1593,6 @@ def load_latest_checkpoint(output_dir):
                    f"trying an older one")
     return None, None
 
-
 def check_resume_config(ckpt_cfg, cfg, output_dir):
     """Refuse to resume a run whose settings differ from the command's; say how to start fresh."""
     old, new = flat_keys(ckpt_cfg), flat_keys(cfg)
@@ -1668,19 +1604,16 @@ def check_resume_config(ckpt_cfg, cfg, output_dir):
                         f"settings to resume, or a new --output-dir (or delete its model_*.pth) "
                         f"to start fresh")
 
-
 def rng_states():
     """This process's random generators, saved per rank in checkpoints."""
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
 
 def set_rng_states(states):
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
     if states["cuda"] and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
-
 
 def resume(output_dir, cfg, model, optimizer):
     """Load the newest checkpoint of output_dir into the model, optimizer, grad scaler and this
@@ -1699,7 +1632,6 @@ def resume(output_dir, cfg, model, optimizer):
                f"run has {get_world_size()}: it continues, but not as the first run would have")
     print0(f"resumed from {path} at iteration {ckpt['iteration']}")
     return ckpt["iteration"]
-
 
 def save_checkpoint(output_dir, model, optimizer, iteration, cfg):
     """Everything needed to continue after `iteration` iterations; keep the newest few files."""
@@ -1727,7 +1659,6 @@ def save_checkpoint(output_dir, model, optimizer, iteration, cfg):
     for old in list_checkpoints(output_dir)[cfg.train.keep_checkpoints:]:
         os.remove(old)
 
-
 def save_teacher(output_dir, model, iteration):
     """The official teacher dump, eval/training_<i>/teacher_checkpoint.pth ({"teacher": backbone
     and heads}; i is the index of the last iteration run, 12499 after 12500 iterations, as
@@ -1741,7 +1672,6 @@ def save_teacher(output_dir, model, iteration):
                 os.path.join(folder, "teacher_checkpoint.pth"))
     atomic_save(model.teacher.backbone.state_dict(), os.path.join(output_dir,
                                                                   "teacher_backbone.pth"))
-
 
 def read_backbone_state(path):
     """The ViT backbone state dict in a weights file: Meta's released backbones (a bare state
@@ -1771,7 +1701,6 @@ def read_backbone_state(path):
                         f"pos_embed, blocks.0.attn.qkv.weight)")
     return state
 
-
 def load_backbone(backbone, state, path):
     """Load a backbone state dict strictly. A stored position grid of another size (37 x 37 for
     Meta's 518-px models) is resized once to this model's grid, with the model's own rule."""
@@ -1798,7 +1727,6 @@ def load_backbone(backbone, state, path):
     backbone.load_state_dict(state, strict=True)
     return backbone
 
-
 def backbone_from_file(path):
     """The ViT stored in a weights file, its architecture read off the tensors, for pictures and
     features (Meta's register models resize positions by size with antialiasing, as the hub)."""
@@ -1822,7 +1750,6 @@ def backbone_from_file(path):
 # 11. Data folders and the built-in dataset (ours; official reads ImageNet through metadata files)
 # -------------------------------------------------------------------------------------------------
 
-
 def load_rgb(path):
     """Open any image as 8-bit RGB: grayscale, palette, alpha, CMYK and 16-bit files all work."""
     with open(path, "rb") as f:
@@ -1835,7 +1762,6 @@ def load_rgb(path):
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
-
 
 class ImageList:
     """The image files under a folder: relative paths, and a class per file (its first-level
@@ -1860,9 +1786,10 @@ class ImageList:
     def relpath(self, i):
         return self.blob[self.offsets[i]:self.offsets[i + 1]].decode()
 
-
 def scan_images(root):
     """ImageList of every image file under root, searched recursively in sorted order."""
+    # Deviation from official: any folder of images; official reads ImageNet through labels.txt and
+    # pre-computed entries-*.npy files (dinov2 issues #126, #243).
     if not os.path.exists(root):
         raise UserError(f"data folder '{root}' does not exist")
     if not os.path.isdir(root):
@@ -1878,7 +1805,6 @@ def scan_images(root):
                         f"{', '.join(IMG_EXTENSIONS)})")
     return ImageList(root, paths)
 
-
 def data_folders(path):
     """ImageNet's layout, DIR/train (+ DIR/val): pre-train on train/ only, as official pre-trains
     on ImageNet:split=TRAIN. Any other folder is pre-trained on whole. Returns (train, val)."""
@@ -1886,7 +1812,6 @@ def data_folders(path):
         val = os.path.join(path, "val")
         return os.path.join(path, "train"), val if os.path.isdir(val) else None
     return path, None
-
 
 def share_from_rank0(make):
     """Run make() on rank 0 only and hand its result, or its UserError, to every rank: one rank
@@ -1903,7 +1828,6 @@ def share_from_rank0(make):
     if error:
         raise UserError(error)
     return result
-
 
 def pretrain_images(cfg, output_dir):
     """The ImageList to pre-train on (None: the built-in dataset). Listed once per run, on rank 0,
@@ -1932,9 +1856,19 @@ def pretrain_images(cfg, output_dir):
     print0(f"data: {len(images)} images in '{root}'{where}")
     return images
 
-
 SHAPES = ("disk", "ring", "triangle", "square", "star", "cross", "bars", "dots", "half_disk", "ell")
-
+POLYGONS = {  # the polygon shapes, in units of the shape's radius around its centre
+    "triangle": [[(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]],
+    "square": [[(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)]],
+    "star": [[((1 if k % 2 == 0 else 0.4) * math.cos(math.pi * k / 5 - math.pi / 2),
+               (1 if k % 2 == 0 else 0.4) * math.sin(math.pi * k / 5 - math.pi / 2))
+              for k in range(10)]],
+    "cross": [[(-1, -.3), (-.3, -.3), (-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3),
+               (.3, 1), (-.3, 1), (-.3, .3), (-1, .3)]],
+    "bars": [[(-1, -1), (-.4, -1), (-.4, 1), (-1, 1)], [(.4, -1), (1, -1), (1, 1), (.4, 1)]],
+    "half_disk": [[(math.cos(math.pi * k / 12), math.sin(math.pi * k / 12)) for k in range(13)]],
+    "ell": [[(-1, -1), (-.4, -1), (-.4, .4), (1, .4), (1, 1), (-1, 1)]],
+}
 
 class ShapesDataset(torch.utils.data.Dataset):
     """Ours: ten shape classes drawn on the fly with PIL, so `python dino_mini.py` needs no
@@ -1947,7 +1881,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __init__(self, n_images, transform, size=48, seed=0):
         self.n_images, self.transform, self.size, self.seed = n_images, transform, size, seed
-        self.classes = list(SHAPES)
+        self.classes, self.labels = list(SHAPES), [i % len(SHAPES) for i in range(n_images)]
 
     def __len__(self):
         return self.n_images
@@ -1955,7 +1889,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def draw(self, index):
         """(RGB image, label, object mask as an "L" image) of image `index`."""
         rng = random.Random(self.seed * 1_000_003 + index)
-        label, s = index % len(SHAPES), self.size  # balanced classes
+        label, s = self.labels[index], self.size  # balanced classes
 
         def tone(lo, hi):  # a random brightness with a faint random tint
             v = rng.uniform(lo, hi)
@@ -1980,42 +1914,24 @@ class ShapesDataset(torch.utils.data.Dataset):
         def disk(x, y, radius, value=255):
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=value)
 
-        def star(k):
-            return 1 if k % 2 == 0 else 0.4
-
         shape = SHAPES[label]
         if shape in ("disk", "ring"):
             disk(cx, cy, r)
             if shape == "ring":
                 disk(cx, cy, r / 2, 0)
-        elif shape == "triangle":
-            poly([(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
-        elif shape == "square":
-            poly([(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)])
-        elif shape == "star":
-            poly([(math.cos(math.pi * k / 5 - math.pi / 2) * star(k),
-                   math.sin(math.pi * k / 5 - math.pi / 2) * star(k)) for k in range(10)])
-        elif shape == "cross":
-            poly([(-1, -.3), (-.3, -.3), (-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3),
-                  (.3, .3), (.3, 1), (-.3, 1), (-.3, .3), (-1, .3)])
-        elif shape == "bars":
-            poly([(-1, -1), (-.4, -1), (-.4, 1), (-1, 1)])
-            poly([(.4, -1), (1, -1), (1, 1), (.4, 1)])
         elif shape == "dots":
             for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6):
                 disk(cx + 0.6 * r * math.cos(a + angle), cy + 0.6 * r * math.sin(a + angle),
                      0.38 * r)
-        elif shape == "half_disk":
-            poly([(math.cos(math.pi * k / 12), math.sin(math.pi * k / 12)) for k in range(13)])
-        else:  # "ell"
-            poly([(-1, -1), (-.4, -1), (-.4, .4), (1, .4), (1, 1), (-1, 1)])
+        else:
+            for points in POLYGONS[shape]:
+                poly(points)
         img.paste(Image.new("RGB", (s, s), tone(150, 255)), (0, 0), mask)
         return img, label, mask
 
     def __getitem__(self, index):
         img, label, _ = self.draw(index)
         return self.transform(img), label, 0
-
 
 def builtin_split(split, transform):
     """The built-in dataset: 2000 "train" images and 500 "val" images drawn with another seed."""
@@ -2030,20 +1946,19 @@ def builtin_split(split, transform):
 # run goes. Official runs it as a separate script on the teacher dumps; we run it in the loop.
 # -------------------------------------------------------------------------------------------------
 
-
 @torch.no_grad()
 def extract_features(backbone, dataset, device, batch_size=256, autocast_ctx=None,
                      num_workers=0, patch_tokens=False, pixels=False, desc=None):
-    """{"cls": (n, D) L2-normalised final-norm cls tokens (the official eval feature), "labels":
-    (n,)} for every item of `dataset`, plus "patch" tokens (n, N, D) or the "pixels" (at most
-    32 x 32 per image) if asked. Under torchrun each rank encodes every W-th item and the pieces
-    are gathered, so every rank ends with all features, in dataset order."""
+    """{"cls": (n, D) L2-normalised final-norm cls tokens (the official eval feature), "labels"}
+    for every item of `dataset`, and if asked the "patch" tokens (n, N, D) or the "pixels" (at
+    most 32 x 32 a picture). Under torchrun each rank encodes every W-th item; the pieces are
+    gathered, so every rank ends with all features, in dataset order."""
     rank, W = get_rank(), get_world_size()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), W))
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
-                                         generator=torch.Generator())
     out = defaultdict(list)
-    for images, labels, _ in tqdm(loader, desc=desc, disable=desc is None or rank != 0):
+    for images, labels, _ in tqdm(torch.utils.data.DataLoader(
+            shard, batch_size, num_workers=num_workers, generator=torch.Generator()),
+            desc=desc, disable=desc is None or rank != 0):
         images = images.to(device, non_blocking=True)
         with autocast_ctx or contextlib.nullcontext():
             f = backbone.forward_features(images)
@@ -2052,18 +1967,15 @@ def extract_features(backbone, dataset, device, batch_size=256, autocast_ctx=Non
         if patch_tokens:
             out["patch"].append(F.normalize(f["x_norm_patchtokens"].float(), dim=-1))
         if pixels:
-            small = F.adaptive_avg_pool2d(images.float(), min(32, images.shape[-1]))
-            out["pixels"].append(small.flatten(1))  # (b, 3 x 32 x 32)
+            out["pixels"].append(F.adaptive_avg_pool2d(images.float(), min(32, images.shape[-1]))
+                                 .flatten(1))  # (b, 3 x 32 x 32)
     out = {k: torch.cat(v) for k, v in out.items()}
-    if W > 1:  # pad the shards to one length, gather, then interleave back to dataset order
-        n_max = math.ceil(len(dataset) / W)
-        for k, v in out.items():
-            v = torch.cat([v, v.new_zeros(n_max - len(v), *v.shape[1:])])
-            parts = [torch.empty_like(v) for _ in range(W)]
-            dist.all_gather(parts, v)
-            out[k] = torch.stack(parts, dim=1).flatten(0, 1)[:len(dataset)]
+    for k, v in out.items() if W > 1 else ():  # pad to one length, gather, interleave back
+        v = torch.cat([v, v.new_zeros(math.ceil(len(dataset) / W) - len(v), *v.shape[1:])])
+        parts = [torch.empty_like(v) for _ in range(W)]
+        dist.all_gather(parts, v)
+        out[k] = torch.stack(parts, dim=1).flatten(0, 1)[:len(dataset)]
     return out
-
 
 @torch.no_grad()
 def knn_classify(train_features, train_labels, test_features, test_labels, ks=(10, 20, 100, 200),
@@ -2083,12 +1995,11 @@ def knn_classify(train_features, train_labels, test_features, test_labels, ks=(1
             top5 = votes[:, :k].sum(1).topk(min(5, num_classes), dim=1).indices  # (b, 5)
             correct[k][0] += (top5[:, :1] == target).sum().item()
             correct[k][1] += (top5 == target).any(dim=1).sum().item()
-    n = len(test_labels)
-    return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
-
+    return {k: (100 * c1 / len(test_labels), 100 * c5 / len(test_labels))
+            for k, (c1, c5) in correct.items()}
 
 def class_balanced(labels, n_per_class, seed=0):
-    """Indices of at most n_per_class random items of each class (all of them for 0), sorted."""
+    """Indices of at most n_per_class random items of each class (all for 0), sorted."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
     taken, keep = defaultdict(int), []
     for i in order:
@@ -2097,6 +2008,12 @@ def class_balanced(labels, n_per_class, seed=0):
             keep.append(i)
     return sorted(keep)
 
+def labels_of(dataset):
+    """The labels of a dataset, or of a Subset of one, without decoding any image."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = labels_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    return dataset.labels
 
 def make_knn_data(cfg, images=None):
     """(neighbours, queries) for the kNN monitor, or None when there are no labels:
@@ -2107,44 +2024,36 @@ def make_knn_data(cfg, images=None):
        20% as queries (pre-training still sees them, without labels), the rest as neighbours.
     Neighbours: at most evaluation.knn_n_per_class per class; queries: at most knn_max_images."""
     ev, eval_t = cfg.evaluation, make_eval_transform(cfg.crops.global_crops_size)
+
+    def folder(path):
+        return ImageFolderDataset(share_from_rank0(lambda: scan_images(path)), eval_t)
+
     if ev.knn_train_dataset or ev.knn_val_dataset:
         if not (ev.knn_train_dataset and ev.knn_val_dataset):
             raise UserError("set both evaluation.knn_train_dataset and evaluation.knn_val_dataset")
-        train = ImageFolderDataset(share_from_rank0(lambda: scan_images(ev.knn_train_dataset)),
-                                   eval_t)
-        val = ImageFolderDataset(share_from_rank0(lambda: scan_images(ev.knn_val_dataset)), eval_t)
-        train_idx, val_idx = range(len(train)), range(len(val))
+        train, val = folder(ev.knn_train_dataset), folder(ev.knn_val_dataset)
     elif not cfg.train.dataset_path:
         train, val = builtin_split("train", eval_t), builtin_split("val", eval_t)
-        train_idx, val_idx = range(len(train)), range(len(val))
     else:
-        images = images or pretrain_images(cfg, cfg.train.output_dir)
-        train = ImageFolderDataset(images, eval_t)
-        _, val_root = data_folders(cfg.train.dataset_path)
-        val_images = share_from_rank0(lambda: scan_images(val_root)) if val_root else None
-        if val_images is not None and len(val_images.classes) >= 2:
-            if val_images.classes != images.classes:
-                raise UserError(f"the class folders of '{val_root}' and of the train folder differ")
-            val, train_idx, val_idx = ImageFolderDataset(val_images, eval_t), range(len(train)), \
-                range(len(val_images))
-        elif len(images.classes) >= 2:
+        train = ImageFolderDataset(images or pretrain_images(cfg, cfg.train.output_dir), eval_t)
+        val_root = data_folders(cfg.train.dataset_path)[1]
+        val = folder(val_root) if val_root else None
+        if val is None or val.images.classes != train.images.classes:
+            if len(train.images.classes) < 2:
+                print0("kNN monitor: off (no class sub-folders, so no labels to evaluate with)")
+                return None
             if val_root:
-                print0(f"kNN monitor: '{val_root}' has no class folders (the raw ILSVRC val "
-                       f"tarball?), so a held-out part of the train folder serves as queries")
-            perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).tolist()
-            n_val = len(images) // 5
-            val, val_idx, train_idx = train, sorted(perm[:n_val]), sorted(perm[n_val:])
-        else:
-            print0("kNN monitor: off (no class sub-folders, so no labels to evaluate with)")
-            return None
-    train_labels = [train.images.labels[i] if isinstance(train, ImageFolderDataset)
-                    else i % len(SHAPES) for i in train_idx]
-    train_idx = [train_idx[j] for j in class_balanced(train_labels, ev.knn_n_per_class)]
-    if ev.knn_max_images and len(val_idx) > ev.knn_max_images:
-        val_idx = [val_idx[j] for j in class_balanced([0] * len(val_idx), ev.knn_max_images)]
-    print0(f"kNN monitor: {len(train_idx)} neighbours, {len(val_idx)} queries")
-    return torch.utils.data.Subset(train, train_idx), torch.utils.data.Subset(val, val_idx)
-
+                print0(f"kNN monitor: '{val_root}' has no class folders like the train folder's "
+                       f"(the raw ILSVRC val tarball?); a held-out part of train serves instead")
+            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+            held_out = sorted(perm[:len(train) // 5])
+            val, train = (torch.utils.data.Subset(train, held_out),
+                          torch.utils.data.Subset(train, sorted(perm[len(train) // 5:])))
+    train = torch.utils.data.Subset(train, class_balanced(labels_of(train), ev.knn_n_per_class))
+    if ev.knn_max_images and len(val) > ev.knn_max_images:
+        val = torch.utils.data.Subset(val, class_balanced([0] * len(val), ev.knn_max_images))
+    print0(f"kNN monitor: {len(train)} neighbours, {len(val)} queries")
+    return train, val
 
 @torch.no_grad()
 def attention_on_objects(backbone, cfg, device, n_images=200):
@@ -2165,17 +2074,17 @@ def attention_on_objects(backbone, cfg, device, n_images=200):
     share = (attn * on_object).sum(1) / attn.sum(1)
     return share.mean().item(), on_object.mean().item()
 
-
 def evaluate(cfg, model, knn_data, iteration, output_dir, device):
     """At iteration 0, every evaluation.eval_period_iterations and at the end: kNN on the teacher
     (and, at 0, on raw pixels), where the teacher's cls token looks (built-in data), one line of
     eval.jsonl, and a teacher snapshot. Returns the kNN results {k: (top1, top5)} or None."""
+    # Deviation from official: kNN runs inside the run, on at most knn_n_per_class neighbours per
+    # class (official: the separate eval/knn.py on a teacher dump, with the whole train set).
     teacher, row, results = model.teacher.backbone, {"iteration": iteration}, None
     if knn_data is not None:
-        (train_set, val_set), bs = knn_data, cfg.evaluation.knn_batch_size
-        kw = dict(batch_size=bs, autocast_ctx=model.autocast_ctx, pixels=iteration == 0,
-                  num_workers=min(cfg.train.num_workers, 8))
-        train_f, val_f = (extract_features(teacher, s, device, **kw) for s in (train_set, val_set))
+        kw = dict(batch_size=cfg.evaluation.knn_batch_size, autocast_ctx=model.autocast_ctx,
+                  pixels=iteration == 0, num_workers=min(cfg.train.num_workers, 8))
+        train_f, val_f = (extract_features(teacher, s, device, **kw) for s in knn_data)
         knn = partial(knn_classify, ks=cfg.evaluation.knn_nb, T=cfg.evaluation.knn_temperature)
         results = knn(train_f["cls"], train_f["labels"], val_f["cls"], val_f["labels"])
         row["knn_top1"] = {k: t1 for k, (t1, _) in results.items()}
@@ -2205,7 +2114,6 @@ def evaluate(cfg, model, knn_data, iteration, output_dir, device):
 # 13. Pictures and features (ours; the PCA pictures follow the DINOv2 paper's figure 1)
 # -------------------------------------------------------------------------------------------------
 
-
 def pca_rgb(patch_tokens, grid):
     """The first three principal components of (N, D) patch features as an RGB image (3, h, w).
     Patches whose first component falls below half its range are background (black); the colours
@@ -2225,7 +2133,6 @@ def pca_rgb(patch_tokens, grid):
     rgb[fg] = comps
     return rgb.T.reshape(3, *grid)
 
-
 @torch.no_grad()
 def visualize(backbone, images, output_dir, image_size, device="cpu"):
     """For each (name, PIL image) write <name>_pca.png (image | PCA of the patch features) and
@@ -2234,7 +2141,8 @@ def visualize(backbone, images, output_dir, image_size, device="cpu"):
     backbone.eval()
     p, R, written = backbone.patch_size, backbone.num_register_tokens, []
     transform = make_eval_transform(image_size)
-    std, mean = (torch.tensor(v, device=device).view(3, 1, 1) for v in (IMAGENET_STD, IMAGENET_MEAN))
+    std, mean = (torch.tensor(v, device=device).view(3, 1, 1)
+                 for v in (IMAGENET_STD, IMAGENET_MEAN))
     for name, img in images:
         x = transform(img).unsqueeze(0).to(device)  # (1, 3, S, S)
         grid = (x.shape[-2] // p, x.shape[-1] // p)
@@ -2256,13 +2164,11 @@ def visualize(backbone, images, output_dir, image_size, device="cpu"):
         written += [os.path.join(output_dir, f"{name}_{kind}.png") for kind in ("pca", "attn")]
     return written
 
-
 def demo_pictures(backbone, cfg, output_dir, device):
     """After a run on the built-in data: what the teacher learned, on four val images."""
     shapes = builtin_split("val", None)
     images = [(f"demo_{SHAPES[i]}", shapes.draw(i)[0]) for i in range(4)]
     return visualize(backbone, images, output_dir, cfg.crops.global_crops_size, device)
-
 
 def cmd_visualize(args, device):
     for path in args.visualize:
@@ -2275,7 +2181,6 @@ def cmd_visualize(args, device):
     images = [(os.path.splitext(os.path.basename(q))[0], load_rgb(q)) for q in args.visualize]
     for f in visualize(backbone, images, out_dir, size, device):
         print(f"wrote {f}")
-
 
 def cmd_extract_features(args, device):
     """--extract-features DIR: L2-normalised cls (and patch) features of every image of DIR."""
@@ -2296,7 +2201,6 @@ def cmd_extract_features(args, device):
     atomic_save(result, args.out)
     print(f"wrote {len(images)} features of dim {result['cls'].shape[1]} to {args.out}")
 
-
 def inference_weights(args):
     """--pretrained FILE, or the teacher_backbone.pth of the run in --output-dir."""
     if args.pretrained:
@@ -2311,7 +2215,6 @@ def inference_weights(args):
 # synthetic batches, and the data pipeline timed alone. README "Speed" holds the measured numbers.
 # -------------------------------------------------------------------------------------------------
 
-
 def vit_flops(cfg, n_images, img_size):
     """Forward FLOPs of the backbone on n_images of img_size (a multiply-add counts 2)."""
     D, depth, _ = VIT_SIZES[cfg.student.arch]
@@ -2324,14 +2227,12 @@ def vit_flops(cfg, n_images, img_size):
     block = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D + ffn  # qkv, attention, proj
     return n_images * (2 * N * 3 * p * p * D + depth * block)
 
-
 def head_flops(cfg, n_tokens, section="dino"):
     c = cfg[section]
     D = VIT_SIZES[cfg.student.arch][0]
     mlp = (D * c.head_hidden_dim + c.head_hidden_dim ** 2 * max(c.head_nlayers - 2, 0)
            + c.head_hidden_dim * c.head_bottleneck_dim)
     return 2 * n_tokens * (mlp + c.head_bottleneck_dim * c.head_n_prototypes)
-
 
 def step_flops(cfg, B, n_masked):
     """Model FLOPs of one step on one process: teacher forward, student forward + backward (3x)."""
@@ -2342,7 +2243,6 @@ def step_flops(cfg, B, n_masked):
     teacher = vit_flops(cfg, 2 * B, G) + head_flops(cfg, 2 * B) + patches
     student = vit_flops(cfg, 2 * B, G) + vit_flops(cfg, n_loc, L) + head_flops(cfg, 2 * B + n_loc)
     return teacher + 3 * (student + patches)
-
 
 def measure_peak_flops(device, dtype, reps=10):
     """FLOP/s of a large square matmul in this dtype: the achievable peak utilisation refers to
@@ -2358,7 +2258,6 @@ def measure_peak_flops(device, dtype, reps=10):
     sync()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
-
 def peak_rss_gib():
     """Peak resident memory of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
     try:
@@ -2367,7 +2266,6 @@ def peak_rss_gib():
         return float("nan")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform ==
                                                                       "darwin" else 20)
-
 
 def benchmark(cfg, device, warmup=3, iters=10):
     """The real train_step on a synthetic in-memory batch: speed, where the time goes (teacher
@@ -2433,9 +2331,8 @@ def benchmark(cfg, device, warmup=3, iters=10):
     print0("result: " + json.dumps(result))
     return result
 
-
 def benchmark_data(cfg, path, batches=20):
-    """Images/s through decoding, the 2 + L crops and the collate, with train.num_workers workers."""
+    """Images/s through decoding, the 2 + L crops and the collate, with train.num_workers."""
     augmentation = DataAugmentationDINO(
         cfg.crops.global_crops_scale, cfg.crops.local_crops_scale, cfg.crops.local_crops_number,
         cfg.crops.global_crops_size, cfg.crops.local_crops_size)
@@ -2457,7 +2354,6 @@ def benchmark_data(cfg, path, batches=20):
 # --visualize, --extract-features, --benchmark(-data); one `dino_mini: error:` line for bad input.
 # -------------------------------------------------------------------------------------------------
 
-
 CHOICES = {  # keys whose value must be one of a few words
     "compute_precision.dtype": ("auto", "fp32", "bf16", "fp16"),
     "train.centering": ("centering", "sinkhorn_knopp"),
@@ -2478,14 +2374,12 @@ UNIT_INTERVAL = ("ibot.mask_sample_probability", "student.drop_path_rate",
                  "optim.adamw_beta1", "optim.adamw_beta2")
 CONFIGS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.json")
 
-
 def flat_keys(d, prefix=""):
     """{"a": {"b": 1}} -> {"a.b": 1}"""
     out = {}
     for k, v in d.items():
         out.update(flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
-
 
 def parse_value(text):
     """Command-line text to a Python value: numbers, lists, true/false, or else the text itself."""
@@ -2496,17 +2390,15 @@ def parse_value(text):
     except (ValueError, SyntaxError):
         return text
 
-
 def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
 
 def set_key(cfg, dotted, value, origin):
     """cfg[a][b] = value for "a.b", after checking the key exists and the value has its type."""
     valid = flat_keys(DEFAULTS)
     if dotted not in valid:
         close = difflib.get_close_matches(dotted, valid, n=3, cutoff=0.5)
-        hint = f"closest valid keys: {', '.join(close)}" if close else "keys look like optim.base_lr"
+        hint = f"closest valid keys: {', '.join(close)}" if close else "keys are like optim.lr"
         raise UserError(f"unknown config key '{dotted}' ({origin}); {hint}")
     default = valid[dotted]
     if isinstance(value, str) and not isinstance(default, str):
@@ -2524,7 +2416,6 @@ def set_key(cfg, dotted, value, origin):
     section, key = dotted.split(".")
     cfg[section][key] = (float(value) if isinstance(default, float)
                          else list(value) if isinstance(default, list) else value)
-
 
 def validate_config(cfg):
     """Values of the right type that make no sense are caught here, before any work starts."""
@@ -2551,7 +2442,8 @@ def validate_config(cfg):
             raise UserError(f"config key '{key}' must be [low, high] with 0 <= low <= high <= 1, "
                             f"got {flat[key]}")
     if any(not (isinstance(k, int) and k > 0) for k in cfg.evaluation.knn_nb):
-        raise UserError(f"evaluation.knn_nb must list positive integers, got {cfg.evaluation.knn_nb}")
+        raise UserError(f"evaluation.knn_nb must list positive integers, got "
+                        f"{cfg.evaluation.knn_nb}")
     for key in ("crops.global_crops_size", "crops.local_crops_size"):
         if flat[key] % cfg.student.patch_size:
             raise UserError(f"config key '{key}'={flat[key]} is not a multiple of "
@@ -2562,21 +2454,19 @@ def validate_config(cfg):
     if cfg.dino.loss_weight <= 0 and cfg.ibot.loss_weight <= 0:
         raise UserError("both dino.loss_weight and ibot.loss_weight are 0: nothing to train")
 
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one clear line instead of argparse's usage dump
         raise UserError(f"{message} (see --help)")
 
-
 def build_parser():
     p = ArgumentParser(prog="dino_mini", description="DINOv2 self-supervised pre-training.",
-                       epilog="Any config key can be set as section.key=value, e.g. optim.epochs=10 "
-                              "train.batch_size_per_gpu=32 (keys and defaults: top of dino_mini.py).")
+                       epilog="Any config key can be set as section.key=value, e.g. "
+                              "optim.epochs=10 (keys and defaults: top of dino_mini.py).")
     p.add_argument("--config", help="preset from configs.json (default: demo without --data, "
                                     "default with it)")
     p.add_argument("--data", help="folder of images, searched recursively; with a train/ folder "
                                   "(ImageNet's layout) only train/ (default: built-in shapes)")
-    p.add_argument("--output-dir", help="checkpoints, metrics, pictures (default: train.output_dir)")
+    p.add_argument("--output-dir", help="checkpoints, metrics, pictures (train.output_dir)")
     p.add_argument("--pretrained", help="backbone weights to start from or to look at")
     p.add_argument("--visualize", nargs="+", metavar="IMAGE", help="write PCA/attention pictures")
     p.add_argument("--extract-features", metavar="DIR", help="save normalised features of DIR")
@@ -2587,7 +2477,6 @@ def build_parser():
     p.add_argument("--benchmark-data", metavar="DIR", help="time the data pipeline on DIR")
     p.add_argument("opts", nargs="*", metavar="section.key=value", help="config overrides")
     return p
-
 
 def main(argv=None):
     """Entry point. Returns the exit code: 0 on success, 2 on bad input (one error line)."""
@@ -2605,7 +2494,6 @@ def main(argv=None):
             message = message.splitlines()[-1].split("UserError: ", 1)[-1]
         print(f"dino_mini: error: {message}", file=sys.stderr, flush=True)
         return 2
-
 
 def run(argv):
     args = build_parser().parse_args(argv)
@@ -2673,7 +2561,6 @@ def run(argv):
             signal.signal(sig, handler)
         cleanup_distributed()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

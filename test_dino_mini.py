@@ -57,7 +57,8 @@ def make_batch(cfg, n_images=4, seed=0):
     gen = dm.MaskingGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
     return dm.collate_data_and_cast([data[i] for i in range(n_images)],
                                     tuple(cfg.ibot.mask_ratio_min_max),
-                                    cfg.ibot.mask_sample_probability, torch.float32, grid * grid, gen)
+                                    cfg.ibot.mask_sample_probability, torch.float32, grid ** 2,
+                                    gen)
 
 
 def checkpoint(out, iteration):
@@ -306,7 +307,7 @@ def test_centering_and_center_ema_over_two_steps():
 
 
 def test_ibot_center_update_quirk():
-    """The iBOT centre moves by 0.1 x the mean over masked tokens (the (1, n, K) input has len 1)."""
+    """The iBOT centre moves by 0.1 x the mean over masked tokens (a (1, n, K) input: len 1)."""
     loss = dm.iBOTPatchLoss(5)
     z = torch.randn(1, 7, 5)
     loss.update_center(z)
@@ -568,7 +569,8 @@ def test_param_group_multipliers():
         dm.DINOHead(8, 4, hidden_dim=8, bottleneck_dim=4), 0.9)}
     assert head["last_layer.weight_g"]["is_last_layer"]
     assert head["last_layer.weight_g"]["wd_multiplier"] == 1.0
-    assert head["mlp.0.weight"]["lr_multiplier"] == 1.0 and not head["mlp.0.weight"]["is_last_layer"]
+    assert head["mlp.0.weight"]["lr_multiplier"] == 1.0
+    assert not head["mlp.0.weight"]["is_last_layer"]
     fused = dm.fuse_params_groups(list(groups.values()))
     assert len(fused) == len({(d["lr_multiplier"], d["wd_multiplier"]) for d in groups.values()})
 
@@ -647,7 +649,7 @@ def test_train_step_losses_against_recomputation(centering):
 
 def test_fp16_scaler_path_on_cpu_skips_bad_steps_but_keeps_the_ema():
     """fp16 autocast + GradScaler on CPU, as on GPU: a good step moves the student; a step with
-    an inf gradient is skipped (student unchanged, scale halved) while the teacher EMA still runs."""
+    an inf gradient is skipped (student unchanged, scale halved); the teacher EMA still runs."""
     cfg = tiny_config("compute_precision.dtype=fp16")
     model, optimizer = dm.build_model_and_optimizer(cfg, torch.device("cpu"), torch.float16)
     assert model.fp16_scaler.is_enabled() and model.fp16_scaler.get_scale() == 2.0 ** 16
@@ -792,6 +794,24 @@ def test_two_processes_reduce_globally_and_resume_exactly(tmp_path):
     assert all(same_weights(w[0], other) for other in w[1:])
     states = checkpoint(tmp_path / "a", 3)["rng"]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+
+def test_log_line_flags_uniform_targets(tmp_path, capsys):
+    """training_metrics.json holds the median of the last 20 values (as official MetricLogger);
+    the log line says UNIFORM when the teacher's entropy is within 5% of ln K, and only then."""
+    model = dm.SSLMetaArch(tiny_config())  # K = 256
+    log = dm.RunLog(tiny_config(), model, str(tmp_path), 0, 30)
+    for i, entropy in enumerate([5.5] * 10 + [1.0] * 11):  # the window keeps the last 20
+        log.add({"dino_global_crops_loss": float(i), "teacher_entropy": entropy, "cls_std": 1.0},
+                n_skipped=0, lr=0.1, wd=0.04, mom=0.99, last_layer_lr=0.1, teacher_temp=0.04)
+        if i in (9, 20):
+            log.write(i + 1)
+    log.close()
+    lines = [json.loads(line) for line in open(tmp_path / "training_metrics.json")]
+    assert lines[0]["teacher_entropy"] == 5.5 and lines[0]["dino_global_crops_loss"] == 4.5
+    assert lines[1]["teacher_entropy"] == 1.0 and lines[1]["dino_global_crops_loss"] == 10.5
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("it ")]
+    assert "H(t) 5.50/5.55 UNIFORM (collapse)" in out[0] and "UNIFORM" not in out[1]
 
 
 def test_non_finite_loss_stops_at_once_without_saving(tmp_path, monkeypatch, capsys):
@@ -961,7 +981,8 @@ def test_checkpoint_problems(finished_run, tmp_path, monkeypatch, capsys):
     open(out / "model_0000009.pth.tmp", "wb").close()  # a save interrupted by a kill
     path, ckpt = dm.load_latest_checkpoint(str(out))
     assert path.endswith("model_0000003.pth") and ckpt["iteration"] == 3
-    assert "damaged" in capsys.readouterr().out and not os.path.exists(out / "model_0000009.pth.tmp")
+    assert "damaged" in capsys.readouterr().out
+    assert not os.path.exists(out / "model_0000009.pth.tmp")
 
     real = torch.save
 
@@ -1085,7 +1106,8 @@ def test_flop_count_by_hand():
     per_block = (2 * 5 * 128 * 384 + 2 * (2 * 5 * 5 * 128) + 2 * 5 * 128 * 128
                  + 2 * (2 * 5 * 128 * 512))
     assert dm.vit_flops(cfg, 1, 8) == embed + 4 * per_block
-    K, hid, bott = cfg.dino.head_n_prototypes, cfg.dino.head_hidden_dim, cfg.dino.head_bottleneck_dim
+    c = cfg.dino
+    K, hid, bott = c.head_n_prototypes, c.head_hidden_dim, c.head_bottleneck_dim
     assert dm.head_flops(cfg, 3) == 3 * 2 * (128 * hid + hid * hid + hid * bott + bott * K)
 
 
