@@ -1375,17 +1375,21 @@ def train_step(model, optimizer, data, lr, wd, mom, teacher_temp, last_layer_lr,
     # 2) teacher forward, student forward, losses, backward
     optimizer.zero_grad(set_to_none=True)
     loss_dict = model.forward_backward(data, teacher_temp=teacher_temp)
-    # 3) unscale, clip each student part separately, step (the scaler skips steps with inf
-    #    gradients: their scale was too large)
+    # 3) clip, AdamW, EMA
+    optimizer_step(model, optimizer, mom)
+    return loss_dict
+
+def optimizer_step(model, optimizer, mom):
+    """Unscale, clip each student part separately, step (the fp16 scaler skips a step whose
+    gradients hold an inf: its scale was too large), then the teacher EMA, which runs every
+    iteration, also after a skipped step (as official)."""
     model.fp16_scaler.unscale_(optimizer)
     if model.cfg.optim.clip_grad:
         for part in model.student.values():
             nn.utils.clip_grad_norm_(part.parameters(), model.cfg.optim.clip_grad)
     model.fp16_scaler.step(optimizer)
     model.fp16_scaler.update()
-    # 4) teacher EMA, every iteration, also when the scaler skipped the step (as official)
     model.update_teacher(mom)
-    return loss_dict
 
 def train(cfg, device, output_dir, knn_data=None, images=None):
     """The whole pre-training run (official do_train). Returns (model, kNN results by iteration)."""
@@ -2268,9 +2272,9 @@ def peak_rss_gib():
                                                                       "darwin" else 20)
 
 def benchmark(cfg, device, warmup=3, iters=10):
-    """The real train_step on a synthetic in-memory batch: speed, where the time goes (teacher
-    forward, then student forward + backward, then clipping + AdamW + EMA, each timed again on
-    its own), peak memory, FLOPs and utilisation; the same again as one JSON line `result: {}`."""
+    """train_step's parts on a synthetic in-memory batch: speed, where the time goes (teacher
+    forward, student forward + backward, clipping + AdamW + EMA), peak memory, FLOPs and
+    utilisation; the same again as one JSON line `result: {...}`."""
     dtype = resolve_dtype(cfg, device)
     B, W = cfg.train.batch_size_per_gpu, get_world_size()
     apply_scaling_rules(cfg, W)
@@ -2298,19 +2302,19 @@ def benchmark(cfg, device, warmup=3, iters=10):
             model.teacher.dino_head(cls)
 
     times = defaultdict(float)
-    for i in range(warmup + iters):
+    apply_optim_scheduler(optimizer, cfg.optim.lr, 0.04, cfg.optim.lr)
+    for i in range(warmup + iters):  # train_step's parts, each timed on its own
         if i == warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        step = timed(lambda: train_step(model, optimizer, batch, lr=cfg.optim.lr, wd=0.04,
-                                        mom=0.994, teacher_temp=0.04, last_layer_lr=cfg.optim.lr))
         teacher = timed(teacher_forward)
-        forward_backward = timed(lambda: model.forward_backward(batch, teacher_temp=0.04))
         optimizer.zero_grad(set_to_none=True)
+        forward_backward = timed(lambda: model.forward_backward(batch, teacher_temp=0.04))
+        optimizer_ema = timed(lambda: optimizer_step(model, optimizer, mom=0.994))
         if i >= warmup:
-            times["step"] += step / iters
+            times["step"] += (forward_backward + optimizer_ema) / iters
             times["teacher"] += teacher / iters
-            times["student_fwd_bwd"] += max(forward_backward - teacher, 0) / iters
-            times["optimizer_ema"] += max(step - forward_backward, 0) / iters
+            times["student_fwd_bwd"] += (forward_backward - teacher) / iters
+            times["optimizer_ema"] += optimizer_ema / iters
     flops, peak = step_flops(cfg, B, int(batch["n_masked_patches"])), measure_peak_flops(device,
                                                                                         dtype)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else peak_rss_gib()
