@@ -18,22 +18,23 @@ Run it:
     python dino_mini.py --extract-features DIR --pretrained run/teacher_backbone.pth --out f.pt
     python dino_mini.py --benchmark --config vits16_1node
 
-Reading order. Sections 1-9 are the training story, in the order a run uses them; 10-14 are the
+Reading order. Sections 1-9 are the training story, in the order a run uses them; 10-15 are the
 machinery around it, which a first reading can skip.
-     1. Config              the official defaults, presets, command-line overrides
+     1. Config              the official defaults, presets, the lr scaling rule
      2. Processes           torchrun, one all-reduce helper, seeds
-     3. Data                multi-crop augmentation, block masks, collate, datasets, sampler
+     3. Data                multi-crop augmentation, block masks, collate, sampler, loader
      4. Vision Transformer  DinoVisionTransformer with the official parameter names
      5. Heads               DINOHead: MLP, L2 norm, weight-normalised prototypes
      6. Losses              DINO (centering or Sinkhorn-Knopp), iBOT, KoLeo
      7. SSLMetaArch         one forward-backward: teacher, student, the four losses, EMA
      8. Optimisation        parameter groups with layer-wise decay, the five schedules
      9. Training loop       train_step() is one iteration, train() the whole run
-    10. Checkpoints         atomic saves, exact resume, teacher snapshots, loading Meta's weights
-    11. Evaluation          kNN monitor, raw-pixel baseline, where the cls token looks
-    12. Pictures/features   PCA and attention pictures, feature extraction
-    13. Benchmark           FLOPs of a step, the step and the data pipeline timed
-    14. Command line        main(): one `dino_mini: error:` line for every bad input
+    10. Checkpoints, logs   atomic saves, exact resume, teacher dumps, loading Meta's weights
+    11. Data folders        the compact image list, ImageNet's layout, the built-in shapes
+    12. Evaluation          kNN monitor, raw-pixel baseline, where the cls token looks
+    13. Pictures/features   PCA and attention pictures, feature extraction
+    14. Benchmark           FLOPs of a step, the step and the data pipeline timed
+    15. Command line        override checks, main(): one `dino_mini: error:` line for bad input
 """
 
 import argparse
@@ -334,8 +335,9 @@ class MaskingGenerator:
 
     def __init__(self, input_size, max_num_patches=None, min_num_patches=4, min_aspect=0.3,
                  max_aspect=None):
-        self.height, self.width = input_size
-        self.max_num_patches = max_num_patches or self.height * self.width
+        self.height, self.width = input_size if isinstance(input_size, tuple) else (input_size,) * 2
+        self.max_num_patches = (max_num_patches if max_num_patches is not None
+                                else self.height * self.width)
         self.min_num_patches = min_num_patches
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
 
@@ -1862,7 +1864,8 @@ def pretrain_images(cfg, output_dir):
 
 SHAPES = ("disk", "ring", "triangle", "square", "star", "cross", "bars", "dots", "half_disk", "ell")
 POLYGONS = {  # the polygon shapes, in units of the shape's radius around its centre
-    "triangle": [[(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]],
+    "triangle": [[(math.cos(a), math.sin(a))
+                  for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]],
     "square": [[(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)]],
     "star": [[((1 if k % 2 == 0 else 0.4) * math.cos(math.pi * k / 5 - math.pi / 2),
                (1 if k % 2 == 0 else 0.4) * math.sin(math.pi * k / 5 - math.pi / 2))
