@@ -143,7 +143,7 @@ def test_overrides_and_errors_name_the_key():
                               ("train.centering=sinkhorn", "must be one of"),
                               ("crops.local_crops_scale=[0.1,0.2,0.3]", "expects list"),
                               ("evaluation.knn_nb=[0]", "positive integers"),
-                              ("optim.warmup_epochs=200", "longer than")]:
+                              ("optim.warmup_epochs=200", "at most optim.epochs")]:
         with pytest.raises(dm.UserError, match=message):
             dm.load_config("default", [override])
     with pytest.raises(dm.UserError, match="unknown --config"):
@@ -475,7 +475,8 @@ def test_folder_dataset_odd_images(tmp_path):
 
 
 def test_shapes_dataset_deterministic_balanced_and_masked():
-    """Image i is the same on every call, classes are balanced, the mask marks the bright shape."""
+    """Image i is the same on every call, classes are balanced, the mask marks the bright shapes,
+    and each image holds several shapes that do not touch (separate blobs in the mask)."""
     ds = dm.ShapesDataset(100, transform=lambda im: im)
     (a, label, mask), (b, _, _) = ds.draw(7), ds.draw(7)
     assert a.tobytes() == b.tobytes() and label == 7
@@ -484,6 +485,16 @@ def test_shapes_dataset_deterministic_balanced_and_masked():
     gray = torch.frombuffer(bytearray(a.convert("L").tobytes()), dtype=torch.uint8).float()
     inside = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8) > 128
     assert gray[inside].mean() > gray[~inside].mean() + 60 and 0.05 < inside.float().mean() < 0.6
+    counts = []  # shapes per image, as connected parts of the mask, for one-piece shapes
+    for i in [i for i in range(100) if dm.SHAPES[ds.labels[i]] in ("disk", "triangle", "star")]:
+        m = torch.frombuffer(bytearray(ds.draw(i)[2].tobytes()), dtype=torch.uint8).view(48, 48)
+        m = m > 128
+        parts = torch.arange(1, m.numel() + 1).view(m.shape) * m
+        for _ in range(48):  # flood fill: every part ends labelled with its largest index
+            grown = F.max_pool2d(parts[None, None].float(), 3, 1, 1)[0, 0].long()
+            parts = torch.where(m, grown, parts)
+        counts.append(len(parts[m].unique()))
+    assert max(counts) <= 5 and sum(counts) / len(counts) >= 3
 
 
 def test_sampler_is_the_official_sharded_infinite_one():
@@ -931,7 +942,7 @@ def bad_cases(tmp_path):
         (["optim.epochs=1.5"], "expects int"),
         (["train.batch_size_per_gpu=-4"], "must be > 0"),
         (["ibot.mask_ratio_min_max=[0.1,1.5]"], "0 <= low <= high <= 1"),
-        (["crops.global_crops_size=30"], "not a multiple of student.patch_size"),
+        (["crops.global_crops_size=30"], "a multiple of student.patch_size"),
         (["crops.local_crops_number=-1"], "must be >= 0"),
         (["--config", "vitl99"], "unknown --config"),
         (["--output-dir", str(tmp_path / "file.txt" / "sub")], "not writable"),
@@ -943,6 +954,17 @@ def bad_cases(tmp_path):
         (["--visualize", str(tmp_path / "nope.png"), "--pretrained", str(tmp_path / "vits14.pth")],
          "not found"),
     ]
+
+
+def test_unlabelled_folder_trains_without_the_monitor(tmp_path, capsys):
+    """A flat folder has no labels: the kNN monitor is off, the run still evaluates (teacher
+    dumps) twice and ends with exit code 0 and its outputs."""
+    for i in range(12):
+        Image.new("RGB", (40 + i, 36), (20 * i, 90, 250 - 20 * i)).save(tmp_path / f"{i}.png")
+    assert run_cli(tmp_path / "run", "--config", "demo", "--data", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "kNN monitor: off" in out and "done in" in out and "kNN top-1" not in out
+    assert sorted(os.listdir(tmp_path / "run" / "eval")) == ["training_2", "training_5"]
 
 
 def test_bad_input_gives_one_clear_line(tmp_path, capsys):
