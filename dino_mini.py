@@ -1879,12 +1879,12 @@ POLYGONS = {  # the polygon shapes, in units of the shape's radius around its ce
 
 class ShapesDataset(torch.utils.data.Dataset):
     """Ours: ten shape classes drawn on the fly with PIL, so `python dino_mini.py` needs no
-    download. Image i shows 3 to 5 shapes of its class, each at its own place, size, brightness
-    and faint tint, nearly upright, on a dark blotchy background; it is the same on every call.
-    Why several small shapes: almost every crop then shows the class, and the pixels alone no
-    longer solve the task (kNN on raw pixels: 44%, against 96% with one large shape), so a run
-    shows how close its features come to a fair baseline. Brightness and tint vary per shape:
-    they are not what the crops of an image share, and stay within what the colour jitter varies."""
+    download. Image i shows up to 12 small shapes of its class, each at its own place, size,
+    brightness and faint tint, nearly upright, on the same grey background; it is the same on every
+    call. Why so: DINO learns whatever the crops of one image share. With one background colour
+    per image, the teacher's prototypes sorted images by brightness and background colour, not by
+    shape (README, "Collapse"); here every crop shares the class and little else, and many small
+    shapes keep the raw pixels from solving the task (kNN on raw pixels: 48%)."""
 
     def __init__(self, n_images, transform, size=48, seed=0):
         self.n_images, self.transform, self.size, self.seed = n_images, transform, size, seed
@@ -1897,19 +1897,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         """(RGB image, label, object mask as an "L" image) of image `index`."""
         rng = random.Random(self.seed * 1_000_003 + index)
         label, s = self.labels[index], self.size  # balanced classes
-
-        def tone(lo, hi):  # a random brightness with a faint random tint
-            v = rng.uniform(lo, hi)
-            return tuple(int(min(255, max(0, v + rng.uniform(-20, 20)))) for _ in range(3))
-
-        img, mask = Image.new("RGB", (s, s), tone(0, 90)), Image.new("L", (s, s), 0)
-        for _ in range(rng.randrange(3, 8)):  # background texture: faint random blobs
-            x, y, r0 = rng.uniform(0, s), rng.uniform(0, s), rng.uniform(2, 8)
-            ImageDraw.Draw(img).ellipse([x - r0, y - r0, x + r0, y + r0], fill=tone(0, 110))
+        img, mask = Image.new("RGB", (s, s), (45, 45, 45)), Image.new("L", (s, s), 0)
         placed = []  # (cx, cy, r) of the shapes drawn so far: shapes never overlap
-        for _ in range(rng.randrange(3, 6)):
-            r = rng.uniform(0.12, 0.2) * s  # shape radius
-            for _ in range(20):  # 20 tries to find a free place, or one shape fewer
+        for _ in range(12):
+            r = rng.uniform(0.07, 0.11) * s  # shape radius
+            for _ in range(30):  # 30 tries to find a free place, or one shape fewer
                 cx, cy = rng.uniform(r, s - r), rng.uniform(r, s - r)
                 if all(math.hypot(cx - x, cy - y) > r + q for x, y, q in placed):
                     break
@@ -1918,7 +1910,9 @@ class ShapesDataset(torch.utils.data.Dataset):
             placed.append((cx, cy, r))
             one = Image.new("L", (s, s), 0)
             draw_shape(ImageDraw.Draw(one), SHAPES[label], cx, cy, r, rng.uniform(-0.3, 0.3))
-            img.paste(Image.new("RGB", (s, s), tone(150, 255)), (0, 0), one)
+            v = rng.uniform(150, 255)  # the shape's brightness, with a faint tint of its own
+            tone = tuple(int(min(255, max(0, v + rng.uniform(-20, 20)))) for _ in range(3))
+            img.paste(Image.new("RGB", (s, s), tone), (0, 0), one)
             mask.paste(255, (0, 0), one)
         return img, label, mask
 
