@@ -8,8 +8,8 @@ Meta's facebookresearch/dinov2 formula for formula, with the same names; each pl
 deliberately differs says `# Deviation from official:` and the README lists them all.
 
 Run it:
-    python dino_mini.py                                    # CPU demo on built-in shapes, ~5 min
-    python dino_mini.py --data ~/my_images                 # official recipe, any folder of images
+    python dino_mini.py                                    # CPU demo on built-in shapes, 4-7 min
+    python dino_mini.py --data ~/my_images                 # your images: small preset on a CPU
     torchrun --nproc_per_node 8 dino_mini.py --data /imagenet           # one 8-GPU node
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         dino_mini.py --data /imagenet --output-dir /shared/run1        # the same line on each node
@@ -107,7 +107,7 @@ DEFAULTS = {
         "OFFICIAL_EPOCH_LENGTH": 1250,  # an "epoch" is this many iterations, whatever the data
         "centering": "centering",  # "centering" (DINO's EMA centre) or "sinkhorn_knopp"
         "log_every": 10,  # ours: iterations between log lines (official prints every 10)
-        "checkpoint_period": 3750,  # ours: the official PeriodicCheckpointer saves every 3 epochs
+        "checkpoint_period": 0,  # ours: 0 = every 3 epochs (3 x OFFICIAL_EPOCH_LENGTH), as official
         "keep_checkpoints": 3,  # ours: official keeps the last 3
         "compile": False,  # ours: torch.compile the student and teacher backbones
         "freeze_backbone_iterations": 0,  # ours: train only the heads this long (domain transfer)
@@ -157,6 +157,9 @@ DEFAULTS = {
         "local_crops_scale": [0.05, 0.32],
         "global_crops_size": 224,  # also the img_size of the ViT's position-embedding grid
         "local_crops_size": 96,
+        # ours: Gaussian blur probability of global crop 1, global crop 2, local crops; the values
+        # official code applies (its own numbers are inverted, see DataAugmentationDINO)
+        "blur_probabilities": [0.0, 0.9, 0.5],
     },
     "evaluation": {
         "eval_period_iterations": 12500,  # official dumps the teacher this often; we also run kNN
@@ -265,9 +268,9 @@ def seeded_rng(seed):
     back as they were: the block's randomness depends on the seed alone, not on what ran before in
     this process, and the process's own stream (drop path, say) is left untouched."""
     saved = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
+    with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator only ...
+        torch.default_generator.manual_seed(seed)  # ... so seed that one (torch.manual_seed
+        random.seed(seed)  # would also reseed every CUDA device, and leave them changed)
         try:
             yield
         finally:
@@ -289,7 +292,7 @@ class DataAugmentationDINO:
     """Two global crops and `local_crops_number` local crops of one image (DINO sec. 3.1)."""
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
-                 global_crops_size=224, local_crops_size=96):
+                 global_crops_size=224, local_crops_size=96, blur_probabilities=(0.0, 0.9, 0.5)):
         self.local_crops_number = local_crops_number
         bicubic = transforms.InterpolationMode.BICUBIC
         self.geometric_augmentation_global = transforms.Compose([
@@ -309,16 +312,19 @@ class DataAugmentationDINO:
         # trained with what the code did, not with what it says: no blur on global crop 1, blur
         # 90% of the time on global crop 2, 50% on local crops. We write the effective values. The
         # p=0.0 RandomApply still draws its random number, so the random stream stays aligned.
+        # (Ours: blur_probabilities sets them; a 9-tap kernel wipes out the strokes of small crops.)
         def blur(p):
             kernel = transforms.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))
             return transforms.RandomApply([kernel], p=p)
 
         normalize = transforms.Compose([transforms.ToTensor(),
                                         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        self.global_transfo1 = transforms.Compose([color_jittering, blur(0.0), normalize])
-        self.global_transfo2 = transforms.Compose([
-            color_jittering, blur(0.9), transforms.RandomSolarize(threshold=128, p=0.2), normalize])
-        self.local_transfo = transforms.Compose([color_jittering, blur(0.5), normalize])
+        p_global_1, p_global_2, p_local = blur_probabilities
+        self.global_transfo1 = transforms.Compose([color_jittering, blur(p_global_1), normalize])
+        solarize = transforms.RandomSolarize(threshold=128, p=0.2)
+        self.global_transfo2 = transforms.Compose([color_jittering, blur(p_global_2), solarize,
+                                                   normalize])
+        self.local_transfo = transforms.Compose([color_jittering, blur(p_local), normalize])
 
     def __call__(self, image):
         global_crop_1 = self.global_transfo1(self.geometric_augmentation_global(image))
@@ -328,6 +334,11 @@ class DataAugmentationDINO:
         return {"global_crops": [global_crop_1, global_crop_2],
                 "global_crops_teacher": [global_crop_1, global_crop_2],  # the teacher's two views
                 "local_crops": local_crops, "offsets": ()}
+
+def make_augmentation(cfg):
+    c = cfg.crops
+    return DataAugmentationDINO(c.global_crops_scale, c.local_crops_scale, c.local_crops_number,
+                                c.global_crops_size, c.local_crops_size, c.blur_probabilities)
 
 class MaskingGenerator:
     """Block-wise masks for iBOT (BEiT, arXiv:2106.08254): rectangles of random area and aspect
@@ -447,25 +458,30 @@ def make_eval_transform(crop_size):
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless stream of (dataset index, sample seed) for one rank, with the official
-    SHARDED_INFINITE semantics (dinov2/data/samplers.py): one permutation of the dataset seeded by
-    `seed` gives each rank a fixed shard perm[rank::W] of len // W indices for the whole run, and
-    the shard is reshuffled on every pass with seed + rank + (pass << 24), by torch.randperm (the
-    official `_new_shuffle_tensor_slice` variant). Position p of the stream gets its own seed for
-    its crops (see SeededSamples); `start` skips the first positions, so a resumed run continues
-    the same stream."""
+    """Endless stream of (dataset index, sample seed) for one rank: the official SHARDED_INFINITE
+    sampler that train.py selects (dinov2/data/samplers.py). One permutation of the dataset, seeded
+    by `seed`, gives rank r the fixed shard perm[r::W] of len // W indices for the whole run; on
+    every pass the shard is reshuffled under the seed seed + r + (pass << 24), by the official
+    `_shuffle_tensor_slice` (an inside-out Fisher-Yates shuffle), so the same seed gives the same
+    stream as official. Position p of the stream gets its own seed for its crops (SeededSamples);
+    `start` skips the first positions, so a resumed run continues the same stream."""
 
     def __init__(self, size, seed=0, rank=0, world_size=1, start=0):
         self.size, self.seed, self.rank, self.world_size, self.start = (size, seed, rank,
                                                                         world_size, start)
 
     def __iter__(self):
-        perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed))
-        shard = perm[self.rank::self.world_size][:self.size // self.world_size]
+        g = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(self.size, generator=g, dtype=torch.int32 if self.size <= 2 ** 31
+                              else torch.int64)  # the official dtype: the same permutation
+        shard = perm[self.rank::self.world_size][:self.size // self.world_size].tolist()
         n_pass, offset = divmod(self.start, len(shard))
         while True:
-            g = torch.Generator().manual_seed(self.seed + self.rank + (n_pass << 24))
-            order = shard[torch.randperm(len(shard), generator=g)].tolist()
+            g.manual_seed(self.seed + self.rank + (n_pass << 24))
+            order = [0] * len(shard)
+            for i, index in enumerate(shard):  # inside out: put each index at a random place
+                j = int(torch.randint(0, i + 1, (1,), generator=g)) if i > 0 else 0
+                order[i], order[j] = order[j], index
             for i in range(offset, len(order)):
                 position = n_pass * len(shard) + i
                 # hash() of a tuple of ints is the same in every process and on every run
@@ -1113,8 +1129,10 @@ class SSLMetaArch(nn.Module):
         # weights, gradients are averaged in one all-reduce, the teacher is not wrapped at all.
         if get_world_size() > 1:
             device_ids = [self.dino_loss.center.device] if self.dino_loss.center.is_cuda else None
+            # the gradients are views into DDP's all-reduce buckets: one gradient-sized copy less
             ddp = nn.parallel.DistributedDataParallel(self.student_forward, device_ids=device_ids,
-                                                      find_unused_parameters=not self.do_dino)
+                                                      find_unused_parameters=not self.do_dino,
+                                                      gradient_as_bucket_view=True)
             object.__setattr__(self, "student_forward", ddp)  # DDP made every rank equal ...
         self.teacher.load_state_dict(self.student.state_dict())  # ... so copy the teacher after
 
@@ -1398,6 +1416,7 @@ def train(cfg, device, output_dir, knn_data=None, images=None):
     rank, W = get_rank(), get_world_size()
     B, E = cfg.train.batch_size_per_gpu, cfg.train.OFFICIAL_EPOCH_LENGTH
     total_iters = cfg.optim.epochs * E
+    save_period = cfg.train.checkpoint_period or 3 * E  # official: every 3 "epochs"
     apply_scaling_rules(cfg, W)
     os.makedirs(output_dir, exist_ok=True)
     dtype = resolve_dtype(cfg, device)
@@ -1409,9 +1428,7 @@ def train(cfg, device, output_dir, knn_data=None, images=None):
            f"({cfg.optim.epochs} epochs of {E}), {str(dtype).replace('torch.', '')} on {device}")
 
     # ---- data, model, optimizer, schedules ----
-    augmentation = DataAugmentationDINO(
-        cfg.crops.global_crops_scale, cfg.crops.local_crops_scale, cfg.crops.local_crops_number,
-        cfg.crops.global_crops_size, cfg.crops.local_crops_size)
+    augmentation = make_augmentation(cfg)
     images = images or pretrain_images(cfg, output_dir)
     dataset = (ImageFolderDataset(images, augmentation) if images
                else builtin_split("train", augmentation))
@@ -1445,13 +1462,13 @@ def train(cfg, device, output_dir, knn_data=None, images=None):
         values, stop = reduce_losses(loss_dict, model.diagnostics, STOP["signal"] is not None)
         check_finite(values, list(loss_dict), done, output_dir)
         log.add(values, n_skipped=data["n_skipped"], lr=lr, wd=wd, mom=mom,
-                last_layer_lr=last_layer_lr, teacher_temp=teacher_temp)
-        # 4) log, evaluate, save
+                last_layer_lr=last_layer_lr, current_batch_size=B, teacher_temp=teacher_temp)
+        # 4) log (after iteration 0, every log_every and the last, as official), evaluate, save
+        if it % cfg.train.log_every == 0 or done == total_iters:
+            log.write(it)
         is_eval = (cfg.evaluation.eval_period_iterations
                    and done % cfg.evaluation.eval_period_iterations == 0) or done == total_iters
-        is_save = done % cfg.train.checkpoint_period == 0 or done == total_iters or stop
-        if done % cfg.train.log_every == 0 or is_eval or is_save:
-            log.write(done)
+        is_save = done % save_period == 0 or done == total_iters or stop
         if is_eval:
             knn_history[done] = evaluate(cfg, model, knn_data, done, output_dir, device)
         if is_save:
@@ -1482,9 +1499,8 @@ def check_finite(values, loss_names, iteration, output_dir):
     if bad:
         raise NonFiniteLoss(
             f"non-finite loss at iteration {iteration} ({', '.join(bad)}); nothing was saved after "
-            f"the last good checkpoint in '{output_dir}'. Likely causes: learning rate too high "
-            f"(lower optim.base_lr), fp16 overflow (try compute_precision.dtype=bf16 or fp32), "
-            f"or teacher.teacher_temp far below 0.04")
+            f"the last good checkpoint in '{output_dir}'. Run again with a fix to resume from it: "
+            f"a lower optim.base_lr, or compute_precision.dtype=bf16 or fp32 (fp16 overflow)")
 
 
 # =================================================================================================
@@ -1500,8 +1516,10 @@ def check_finite(values, loss_names, iteration, output_dir):
 # -------------------------------------------------------------------------------------------------
 
 CKPT_GLOB = "model_*.pth"
-RUNTIME_KEYS = {"train.num_workers", "train.log_every", "train.output_dir", "train.compile",
-                "train.checkpoint_period", "train.keep_checkpoints", "optim.lr"}  # may change
+# A resumed run takes the command's config, as official: lr, schedules, temperatures, loss weights,
+# dtype, clipping, periods, workers may all change. Refused are changes to the shapes of the saved
+# tensors (load_state_dict tells) and to these keys, which fix the stream of crops.
+DATA_STREAM_KEYS = ("train.batch_size_per_gpu", "train.seed", "train.dataset_path", "crops.")
 
 class NonFiniteLoss(UserError):
     pass
@@ -1510,66 +1528,65 @@ def request_stop(signum, frame):
     STOP["signal"] = signal.Signals(signum).name
 
 class RunLog:
-    """The log line and training_metrics.json: per log step, the median of the last 20 values
-    of each loss (as official MetricLogger), the schedules, speed and collapse diagnostics."""
+    """The log line and training_metrics.json as official MetricLogger: after iteration i (from 0)
+    when i % log_every == 0 and after the last, the lower median of the last 20 values of every
+    loss, total and schedule value, the mean iteration and data times, our collapse diagnostics."""
 
     def __init__(self, cfg, model, output_dir, start_iter, total_iters):
         self.path = os.path.join(output_dir, "training_metrics.json")
         self.ln_K, self.B = math.log(model.dino_out_dim), cfg.train.batch_size_per_gpu
         self.window = defaultdict(lambda: deque(maxlen=20))
-        self.latest, self.n_skipped, self.data_wait = {}, 0, 0.0
-        self.t_last, self.it_last, self.total_iters = time.time(), start_iter, total_iters
+        self.n_skipped, self.total_iters = 0, total_iters
         self.bar = tqdm(total=total_iters, initial=start_iter, disable=get_rank() != 0,
                         dynamic_ncols=True, desc="train")
 
     def wait_for(self, data_iter):
-        t0 = time.perf_counter()
+        self.t0 = time.perf_counter()
         data = next(data_iter)
-        self.data_wait += time.perf_counter() - t0
+        self.window["data_time"].append(time.perf_counter() - self.t0)
         return data
 
     def add(self, values, n_skipped, **schedule_values):
-        for k, v in values.items():
+        total = sum(v for k, v in values.items() if k.endswith("_loss"))  # as official's total
+        for k, v in {**values, "total_loss": total, **schedule_values,
+                     "iter_time": time.perf_counter() - self.t0}.items():
             self.window[k].append(v)
-        self.latest, self.n_skipped = schedule_values, self.n_skipped + n_skipped
+        self.n_skipped += n_skipped
         self.bar.update(1)
 
     def write(self, iteration):
-        now = time.time()
-        seconds = max(now - self.t_last, 1e-9)
-        m = {"iteration": iteration, **{k: statistics.median(v) for k, v in self.window.items()},
-             **self.latest, "ln_K": self.ln_K, "n_skipped": self.n_skipped,
-             "img_per_s": self.B * get_world_size() * (iteration - self.it_last) / seconds,
-             "data_wait": self.data_wait / seconds}  # share of the time spent waiting for data
-        losses = [k for k in m if k.endswith("_loss")]
-        m["total_loss"] = sum(m[k] for k in losses)  # of the displayed (halved) values, as official
-        self.t_last, self.it_last, self.data_wait = now, iteration, 0.0
+        m = {"iteration": iteration, **{k: statistics.median_low(v)
+                                        for k, v in self.window.items()},
+             **{k: statistics.mean(self.window[k]) for k in ("iter_time", "data_time")},
+             "ln_K": self.ln_K, "n_skipped": self.n_skipped}
         if get_rank() != 0:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(m) + "\n")
+        losses = [k for k in m if k.endswith("_loss") and k != "total_loss"]
         uniform = m["teacher_entropy"] > 0.95 * self.ln_K  # targets nearly uniform: collapse
         self.bar.set_postfix(loss=f"{m['total_loss']:.3f}")
         self.bar.write(
             f"it {iteration:07d}/{self.total_iters} | loss {m['total_loss']:.4f} | "
             + " ".join(f"{k.replace('_crops_loss', '').replace('_loss', '')} {m[k]:.3f}"
                        for k in losses)
-            + f" | lr {m['lr']:.2e} wd {m['wd']:.3f} mom {m['mom']:.4f}"
-            + f" t_temp {m['teacher_temp']:.4f}"
-            + f" | H(t) {m['teacher_entropy']:.2f}/{self.ln_K:.2f}"
-            + (" UNIFORM (collapse)" if uniform else "") + f" cls_std {m['cls_std']:.2f}"
-            + f" | {m['img_per_s']:.0f} img/s, data wait {100 * m['data_wait']:.0f}%"
+            + f" | lr {m['lr']:.2e} wd {m['wd']:.3f} mom {m['mom']:.4f} t_temp "
+            + f"{m['teacher_temp']:.4f} | H(t) {m['teacher_entropy']:.2f}/{self.ln_K:.2f}"
+            + (" UNIFORM (collapse)" if uniform else "") + f" cls_std {m['cls_std']:.2f} | "
+            + f"{self.B * get_world_size() / m['iter_time']:.0f} img/s, data wait "
+            + f"{100 * m['data_time'] / m['iter_time']:.0f}%"
             + (f" | skipped {self.n_skipped}" if self.n_skipped else ""))
 
     def close(self):
         self.bar.close()
 
 def atomic_save(obj, path):
-    """torch.save to path.tmp, flush to disk, then rename: readers see the old file or the new."""
+    """torch.save (or write, for bytes) to path.tmp, flush to disk, then rename: readers see the
+    old file or the new one, never half of one."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1599,16 +1616,16 @@ def load_latest_checkpoint(output_dir):
                    f"trying an older one")
     return None, None
 
-def check_resume_config(ckpt_cfg, cfg, output_dir):
-    """Refuse to resume a run whose settings differ from the command's; say how to start fresh."""
+def config_changes(ckpt_cfg, cfg, output_dir):
+    """["key: old -> new"] of the keys this command changes; the data stream may not change."""
     old, new = flat_keys(ckpt_cfg), flat_keys(cfg)
-    diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new
-            if k not in RUNTIME_KEYS and not k.startswith("evaluation.") and old.get(k) != new[k]]
-    if diff:
-        raise UserError(f"the checkpoint in '{output_dir}' was made with another config "
-                        f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); use the same "
-                        f"settings to resume, or a new --output-dir (or delete its model_*.pth) "
-                        f"to start fresh")
+    changes = [k for k in new if old.get(k) != new[k] and k not in ("optim.lr", "train.output_dir")]
+    for k in changes:
+        if k.startswith(DATA_STREAM_KEYS):
+            raise UserError(f"the checkpoint in '{output_dir}' was made with {k}={old.get(k)!r}, "
+                            f"this command says {new[k]!r}: that changes the data stream; resume "
+                            f"with the same value, or start fresh in a new --output-dir")
+    return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changes]
 
 def rng_states():
     """This process's random generators, saved per rank in checkpoints."""
@@ -1627,10 +1644,21 @@ def resume(output_dir, cfg, model, optimizer):
     path, ckpt = load_latest_checkpoint(output_dir)
     if ckpt is None:
         return 0
-    check_resume_config(ckpt["config"], cfg, output_dir)
-    model.load_state_dict(ckpt["model"], strict=True)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    model.fp16_scaler.load_state_dict(ckpt["scaler"])
+    changes = config_changes(ckpt["config"], cfg, output_dir)
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])  # the moments; then this command's betas
+        for group, settings in zip(optimizer.param_groups, fresh):  # and lr / wd multipliers
+            group.update(settings)
+    except (RuntimeError, ValueError):  # other shapes, heads, losses or parameter groups
+        raise UserError(f"the checkpoint in '{output_dir}' holds weights of other shapes or "
+                        f"parameter groups than this command's model ({'; '.join(changes)}); "
+                        f"resume with its settings, or start fresh in a new --output-dir") from None
+    for change in changes:
+        print0(f"resume with a changed config: {change}")
+    if ckpt["scaler"]:  # empty when saved without fp16 (dtype may change on resume)
+        model.fp16_scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) == get_world_size():  # each rank continues its own random stream
         set_rng_states(ckpt["rng"][get_rank()])
     else:
@@ -1666,10 +1694,8 @@ def save_checkpoint(output_dir, model, optimizer, iteration, cfg):
         os.remove(old)
 
 def save_teacher(output_dir, model, iteration):
-    """The official teacher dump, eval/training_<i>/teacher_checkpoint.pth ({"teacher": backbone
-    and heads}; i is the index of the last iteration run, 12499 after 12500 iterations, as
-    official), and the latest teacher backbone alone, teacher_backbone.pth, in the key layout of
-    Meta's released backbones."""
+    """The official teacher dump eval/training_<index of the last iteration>/teacher_checkpoint.pth
+    and the teacher backbone alone, teacher_backbone.pth, keyed as Meta's released backbones."""
     if get_rank() != 0:
         return
     folder = os.path.join(output_dir, "eval", f"training_{iteration - 1}")
@@ -1680,9 +1706,8 @@ def save_teacher(output_dir, model, iteration):
                                                                   "teacher_backbone.pth"))
 
 def read_backbone_state(path):
-    """The ViT backbone state dict in a weights file: Meta's released backbones (a bare state
-    dict), our teacher_backbone.pth, our full checkpoints, official teacher dumps ({"teacher":
-    ...}, chunked block keys included). One clear error for anything else."""
+    """The ViT backbone state dict in any weights file: Meta's release, our teacher_backbone.pth,
+    a full checkpoint or an official teacher dump (chunked block keys too); one error otherwise."""
     if not os.path.isfile(path):
         raise UserError(f"pretrained weights '{path}' not found")
     try:
@@ -1715,13 +1740,12 @@ def load_backbone(backbone, state, path):
     shape_bad = [k for k in expected if k in state and k != "pos_embed"
                  and state[k].shape != expected[k].shape]
     if missing or unexpected or shape_bad:
-        dim = state["pos_embed"].shape[-1]
         raise UserError(
             f"'{path}' does not fit student.arch with embed_dim {backbone.embed_dim}, "
             f"{backbone.n_blocks} blocks, patch {backbone.patch_size}, "
-            f"{backbone.num_register_tokens} registers (found a {dim}-dim model; missing "
-            f"{missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {shape_bad[:3]}). Set "
-            f"student.arch / patch_size / num_register_tokens / ffn_layer to match the file")
+            f"{backbone.num_register_tokens} registers (found a {state['pos_embed'].shape[-1]}-"
+            f"dim model; missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes "
+            f"{shape_bad[:3]}); set student.arch / patch_size / num_register_tokens / ffn_layer")
     pos = state["pos_embed"]
     if pos.shape != expected["pos_embed"].shape:  # resample the grid once, as forward would
         grid = int(math.sqrt(expected["pos_embed"].shape[1] - 1)) * backbone.patch_size
@@ -1770,11 +1794,10 @@ def load_rgb(path):
     return img.convert("RGB")
 
 class ImageList:
-    """The image files under a folder: relative paths, and a class per file (its first-level
-    sub-folder; 0 for files directly in the folder). Kept as one bytes buffer and two flat arrays,
-    not as a Python list of strings: DataLoader workers are forked copies of their process, and
-    merely reading a Python object writes its reference count, so a list of ImageNet's 1.28M paths
-    would be copied page by page into every worker of every rank (PyTorch issue #13246)."""
+    """The image files under a folder: relative paths and a class each (the first-level folder).
+    One bytes buffer and two flat arrays, not a list of strings: reading a Python object writes its
+    reference count, which would copy a list of 1.28M paths into every forked DataLoader worker
+    page by page (PyTorch issue #13246)."""
 
     def __init__(self, root, paths):
         self.root = root
@@ -1852,9 +1875,7 @@ def pretrain_images(cfg, output_dir):
                 return ImageList(root, paths)
         images = scan_images(root)
         text = "\n".join([header] + [images.relpath(i) for i in range(len(images))]) + "\n"
-        with open(cache + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(cache + ".tmp", cache)
+        atomic_save(text.encode(), cache)
         return images
 
     images = share_from_rank0(make)
@@ -1878,13 +1899,10 @@ POLYGONS = {  # the polygon shapes, in units of the shape's radius around its ce
 }
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """Ours: ten shape classes drawn on the fly with PIL, so `python dino_mini.py` needs no
-    download. Image i shows up to 12 small shapes of its class, each at its own place, size,
-    brightness and faint tint, nearly upright, on the same grey background; it is the same on every
-    call. Why so: DINO learns whatever the crops of one image share. With one background colour
-    per image, the teacher's prototypes sorted images by brightness and background colour, not by
-    shape (README, "Collapse"); here every crop shares the class and little else, and many small
-    shapes keep the raw pixels from solving the task (kNN on raw pixels: 48%)."""
+    """Ours: ten shape classes drawn on the fly, so `python dino_mini.py` needs no download. Image
+    i holds up to 12 small shapes of its class, each with its own place, size, brightness and tint,
+    on one grey background: DINO learns what the crops of an image share, and here that is the
+    class (README, "Collapse"); many small shapes keep raw pixels from solving it."""
 
     def __init__(self, n_images, transform, size=48, seed=0):
         self.n_images, self.transform, self.size, self.seed = n_images, transform, size, seed
@@ -1956,10 +1974,8 @@ def builtin_split(split, transform):
 @torch.no_grad()
 def extract_features(backbone, dataset, device, batch_size=256, autocast_ctx=None,
                      num_workers=0, patch_tokens=False, pixels=False, desc=None):
-    """{"cls": (n, D) L2-normalised final-norm cls tokens (the official eval feature), "labels"}
-    for every item of `dataset`, and if asked the "patch" tokens (n, N, D) or the "pixels" (at
-    most 32 x 32 a picture). Under torchrun each rank encodes every W-th item; the pieces are
-    gathered, so every rank ends with all features, in dataset order."""
+    """{"cls": (n, D) L2-normalised final-norm cls tokens (the official eval feature), "labels"},
+    optionally "patch" (n, N, D) and "pixels" (n, 3 x 32 x 32); rank r encodes every W-th item."""
     rank, W = get_rank(), get_world_size()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), W))
     out = defaultdict(list)
@@ -2023,13 +2039,9 @@ def labels_of(dataset):
     return dataset.labels
 
 def make_knn_data(cfg, images=None):
-    """(neighbours, queries) for the kNN monitor, or None when there are no labels:
-    1. the labelled folders evaluation.knn_train_dataset and knn_val_dataset, when set;
-    2. without --data, the built-in dataset's train and val splits;
-    3. --data DIR in ImageNet's layout: DIR/val's class folders as queries, DIR/train neighbours;
-    4. else, when the pre-training folder has class sub-folders, a fixed held-out split of it:
-       20% as queries (pre-training still sees them, without labels), the rest as neighbours.
-    Neighbours: at most evaluation.knn_n_per_class per class; queries: at most knn_max_images."""
+    """(neighbours, queries) for the kNN monitor, or None without labels, from: the folders
+    evaluation.knn_train/val_dataset; the built-in splits; DIR/train and DIR/val (ImageNet's
+    layout); else a fixed held-out fifth of a folder with class sub-folders as queries."""
     ev, eval_t = cfg.evaluation, make_eval_transform(cfg.crops.global_crops_size)
 
     def folder(path):
@@ -2064,9 +2076,8 @@ def make_knn_data(cfg, images=None):
 
 @torch.no_grad()
 def attention_on_objects(backbone, cfg, device, n_images=200):
-    """Ours, for the built-in data, whose object masks are known: the share of the last block's
-    cls attention (mean over heads, over the patches) that falls on the object's patches, and the
-    share of the patches the object covers. Attention blind to the content scores the latter."""
+    """Ours, for the built-in data: the share of the last block's cls attention that falls on the
+    objects' patches, against the share of the patches they cover (what blind attention scores)."""
     size, p, R = cfg.crops.global_crops_size, backbone.patch_size, backbone.num_register_tokens
     shapes, image_t = builtin_split("val", None), make_eval_transform(size)
     mask_t = transforms.Compose([transforms.Resize(round(size * 256 / 224)),
@@ -2082,9 +2093,8 @@ def attention_on_objects(backbone, cfg, device, n_images=200):
     return share.mean().item(), on_object.mean().item()
 
 def evaluate(cfg, model, knn_data, iteration, output_dir, device):
-    """At iteration 0, every evaluation.eval_period_iterations and at the end: kNN on the teacher
-    (and, at 0, on raw pixels), where the teacher's cls token looks (built-in data), one line of
-    eval.jsonl, and a teacher snapshot. Returns the kNN results {k: (top1, top5)} or None."""
+    """kNN of the teacher's cls tokens (and at iteration 0 of the raw pixels), attention on the
+    objects (built-in data), a line of eval.jsonl, a teacher dump. Returns {k: (top1, top5)}."""
     # Deviation from official: kNN runs inside the run, on at most knn_n_per_class neighbours per
     # class (official: the separate eval/knn.py on a teacher dump, with the whole train set).
     teacher, row, results = model.teacher.backbone, {"iteration": iteration}, None
@@ -2122,9 +2132,8 @@ def evaluate(cfg, model, knn_data, iteration, output_dir, device):
 # -------------------------------------------------------------------------------------------------
 
 def pca_rgb(patch_tokens, grid):
-    """The first three principal components of (N, D) patch features as an RGB image (3, h, w).
-    Patches whose first component falls below half its range are background (black); the colours
-    come from a second PCA of the foreground patches alone, as in the DINOv2 paper's figures."""
+    """First three principal components of (N, D) patch features as an RGB image (3, h, w): the
+    foreground (first component above half) coloured by its own PCA, as DINOv2's figure 1."""
     x = patch_tokens.float() - patch_tokens.float().mean(0)
     first = torch.pca_lowrank(x, q=3, center=False)[0][:, 0]
     first = (first - first.min()) / (first.max() - first.min() + 1e-8)
@@ -2142,9 +2151,8 @@ def pca_rgb(patch_tokens, grid):
 
 @torch.no_grad()
 def visualize(backbone, images, output_dir, image_size, device="cpu"):
-    """For each (name, PIL image) write <name>_pca.png (image | PCA of the patch features) and
-    <name>_attn.png (image | mean attention | one map per head): the last block's attention from
-    the cls token to the patches, registers skipped. Tiles are shown at 224 px or more."""
+    """For each (name, PIL image): <name>_pca.png (image | PCA of the patch features) and
+    <name>_attn.png (image | mean | per-head cls attention of the last block, no registers)."""
     backbone.eval()
     p, R, written = backbone.patch_size, backbone.num_register_tokens, []
     transform = make_eval_transform(image_size)
@@ -2171,16 +2179,9 @@ def visualize(backbone, images, output_dir, image_size, device="cpu"):
         written += [os.path.join(output_dir, f"{name}_{kind}.png") for kind in ("pca", "attn")]
     return written
 
-def demo_pictures(backbone, cfg, output_dir, device):
-    """After a run on the built-in data: what the teacher learned, on four val images."""
-    shapes = builtin_split("val", None)
-    images = [(f"demo_{SHAPES[i]}", shapes.draw(i)[0]) for i in range(4)]
-    return visualize(backbone, images, output_dir, cfg.crops.global_crops_size, device)
-
 def pictures_or_features(args, device):
-    """--visualize IMAGE... (pictures beside the first image, or in --output-dir) or
-    --extract-features DIR (L2-normalised cls, and patch, features of every image into --out),
-    with the backbone of --pretrained FILE or of the run in --output-dir."""
+    """--visualize IMAGE... or --extract-features DIR (into --out), with the backbone of
+    --pretrained FILE or of the run in --output-dir."""
     weights = args.pretrained or os.path.join(args.output_dir or "", "teacher_backbone.pth")
     if not (args.pretrained or args.output_dir and os.path.isfile(weights)):
         raise UserError("give --pretrained FILE, or --output-dir of a run with a "
@@ -2270,10 +2271,20 @@ def peak_memory_gib(device):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2 ** (30 if sys.platform == "darwin" else 20)
 
+def cost_here(cfg, utilisation=0.5):
+    """"N iterations ..., about T here", T from the FLOPs of a step and a CPU matmul timed now."""
+    B, grid = cfg.train.batch_size_per_gpu, cfg.crops.global_crops_size // cfg.student.patch_size
+    n_masked = B * cfg.ibot.mask_sample_probability * sum(cfg.ibot.mask_ratio_min_max) * grid ** 2
+    iters = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    peak = measure_peak_flops(torch.device("cpu"), torch.float32)
+    hours = iters * step_flops(cfg, B, n_masked) / (utilisation * peak) / 3600
+    when = (f"{60 * hours:.0f} minutes" if hours < 2 else f"{hours:.0f} hours" if hours < 48
+            else f"{hours / 24:.0f} days")
+    return f"{iters} iterations of {cfg.student.arch}/{cfg.student.patch_size}, about {when} here"
+
 def benchmark(cfg, device, warmup=3, iters=10):
-    """train_step's parts on a synthetic in-memory batch: speed, where the time goes (teacher
-    forward, student forward + backward, clipping + AdamW + EMA), peak memory, FLOPs and
-    utilisation; the same again as one JSON line `result: {...}`."""
+    """train_step's parts timed on a synthetic in-memory batch: images/s, time per part, peak
+    memory, FLOPs and utilisation, and all of it as one JSON line `result: {...}`."""
     dtype, B, W = resolve_dtype(cfg, device), cfg.train.batch_size_per_gpu, get_world_size()
     apply_scaling_rules(cfg, W)
     model, optimizer = build_model_and_optimizer(cfg, device, dtype)
@@ -2310,22 +2321,18 @@ def benchmark(cfg, device, warmup=3, iters=10):
               **{f"{k}_s": v for k, v in times.items()}, "peak_memory_gib": peak_memory_gib(device),
               "flops": flops, "peak_flops": peak, "mfu": flops / times["step"] / peak}
     print0(f"benchmark: {result['arch']}, batch {B} per process x {W}, {G}/{L} px crops, "
-           f"{result['dtype']} on {device}, compile {cfg.train.compile}\n"
-           f"images/s: {B / times['step']:.1f} per process, {B * W / times['step']:.1f} total\n"
-           "time per step: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in times.items())
-           + f"\npeak memory: {result['peak_memory_gib']:.2f} GiB "
-           f"({'CUDA max allocated' if device.type == 'cuda' else 'process RSS'})\n"
-           f"model FLOPs per step: {flops / 1e9:.1f} GFLOP; achieved "
-           f"{flops / times['step'] / 1e12:.3f} TFLOP/s; matmul peak in {result['dtype']} "
-           f"{peak / 1e12:.3f} TFLOP/s; utilisation {100 * result['mfu']:.1f}%\n"
-           f"result: {json.dumps(result)}")
+           f"{result['dtype']} on {device}, compile {cfg.train.compile}\nimages/s: "
+           f"{B / times['step']:.1f} per process; per step: " + ", ".join(
+               f"{k} {1e3 * v:.1f} ms" for k, v in times.items()) + f"\npeak memory: "
+           f"{result['peak_memory_gib']:.2f} GiB ({'CUDA' if device.type == 'cuda' else 'RSS'}); "
+           f"{flops / 1e9:.1f} GFLOP per step at {flops / times['step'] / 1e12:.3f} TFLOP/s, "
+           f"utilisation {100 * result['mfu']:.1f}% of a {peak / 1e12:.3f} TFLOP/s matmul peak"
+           f"\nresult: {json.dumps(result)}")
     return result
 
 def benchmark_data(cfg, path, batches=20):
     """Images/s through decoding, the 2 + L crops and the collate, with train.num_workers."""
-    augmentation = DataAugmentationDINO(
-        cfg.crops.global_crops_scale, cfg.crops.local_crops_scale, cfg.crops.local_crops_number,
-        cfg.crops.global_crops_size, cfg.crops.local_crops_size)
+    augmentation = make_augmentation(cfg)
     dataset = ImageFolderDataset(scan_images(path), augmentation)
     it = iter(make_pretrain_loader(cfg, dataset, 0, 0, 1))
     next(it)  # start the workers
@@ -2357,7 +2364,7 @@ POSITIVE = ("train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "optim.ep
             "crops.local_crops_size", "dino.head_n_prototypes", "dino.head_bottleneck_dim",
             "dino.head_hidden_dim", "ibot.head_n_prototypes", "ibot.head_bottleneck_dim",
             "ibot.head_hidden_dim", "teacher.teacher_temp", "teacher.warmup_teacher_temp",
-            "train.checkpoint_period", "train.keep_checkpoints", "evaluation.knn_batch_size",
+            "train.keep_checkpoints", "evaluation.knn_batch_size",
             "evaluation.knn_temperature")
 UNIT_INTERVAL = ("ibot.mask_sample_probability", "student.drop_path_rate",
                  "teacher.momentum_teacher", "teacher.final_momentum_teacher",
@@ -2427,6 +2434,8 @@ def validate_config(cfg):
         require(0 <= flat[key][0] <= flat[key][1] <= 1, key, "[low, high], 0 <= low <= high <= 1")
     require(all(isinstance(k, int) and k > 0 for k in flat["evaluation.knn_nb"]),
             "evaluation.knn_nb", "a list of positive integers")
+    require(len(cfg.crops.blur_probabilities) == 3 and all(0 <= v <= 1 for v in flat[
+        "crops.blur_probabilities"]), "crops.blur_probabilities", "3 probabilities")
     for key in ("crops.global_crops_size", "crops.local_crops_size"):
         require(flat[key] % p == 0, key, f"a multiple of student.patch_size={p}")
     require(cfg.optim.warmup_epochs <= cfg.optim.epochs, "optim.warmup_epochs",
@@ -2442,8 +2451,8 @@ def build_parser():
     p = ArgumentParser(prog="dino_mini", description="DINOv2 self-supervised pre-training.",
                        epilog="Any config key can be set as section.key=value, e.g. "
                               "optim.epochs=10 (keys and defaults: top of dino_mini.py).")
-    p.add_argument("--config", help="preset from configs.json (default: demo without --data, "
-                                    "default with it)")
+    p.add_argument("--config", help="preset from configs.json (default: demo without --data; "
+                                    "with it, default on a GPU and small on a CPU)")
     p.add_argument("--data", help="folder of images, searched recursively; with a train/ folder "
                                   "(ImageNet's layout) only train/ (default: built-in shapes)")
     p.add_argument("--output-dir", help="checkpoints, metrics, pictures (train.output_dir)")
@@ -2476,13 +2485,18 @@ def main(argv=None):
         return 2
 
 def run(argv):
-    args = build_parser().parse_args(argv)
-    preset = args.config or ("default" if args.data else "demo")
+    args = build_parser().parse_intermixed_args(argv)  # overrides may stand anywhere
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # without --config: the demo, the official recipe on a GPU, the small-data recipe on a CPU
+    preset = args.config or ("demo" if not args.data else "default" if device.type == "cuda"
+                             else "small")
     overrides = list(args.opts) + ([f"train.dataset_path={args.data}"] if args.data else [])
     if args.pretrained and not (args.visualize or args.extract_features):
         overrides.append(f"student.pretrained_weights={args.pretrained}")
     cfg = load_config(preset, overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preset == "small" and not args.config and not (args.benchmark or args.benchmark_data):
+        print0(f"no GPU: training with the small preset, {cost_here(cfg)}; the official recipe "
+               f"(--config default) would take {cost_here(load_config('default', overrides))}")
     if args.benchmark_data:
         return benchmark_data(cfg, args.benchmark_data) and 0
     if args.extract_features or args.visualize:
@@ -2501,8 +2515,6 @@ def run(argv):
             raise PermissionError("permission denied")
     except OSError as e:
         raise UserError(f"output dir '{output_dir}' is not writable ({e})") from None
-    if cfg.student.pretrained_weights and not os.path.isfile(cfg.student.pretrained_weights):
-        raise UserError(f"pretrained weights '{cfg.student.pretrained_weights}' not found")
     if cfg.dino.koleo_loss_weight > 0 and cfg.train.batch_size_per_gpu < 2:
         print("dino_mini: warning: KoLeo needs 2+ images per process; with batch_size_per_gpu=1 "
               "it is 0", file=sys.stderr)
@@ -2527,8 +2539,11 @@ def run(argv):
                 k = 20 if 20 in a else min(a)
                 print0(f"kNN top-1 (k={k}): {a[k][0]:.1f}% at iteration {first} -> "
                        f"{b[k][0]:.1f}% at iteration {last}")
-            if not cfg.train.dataset_path and rank == 0:
-                for f in demo_pictures(model.teacher.backbone, cfg, output_dir, device):
+            if not cfg.train.dataset_path and rank == 0:  # what the teacher learned, 4 images
+                shapes = builtin_split("val", None)
+                images = [(f"demo_{SHAPES[i]}", shapes.draw(i)[0]) for i in range(4)]
+                for f in visualize(model.teacher.backbone, images, output_dir,
+                                   cfg.crops.global_crops_size, device):
                     print(f"wrote {f}")
     finally:
         for sig, handler in previous.items():

@@ -143,11 +143,26 @@ def test_overrides_and_errors_name_the_key():
                               ("train.centering=sinkhorn", "must be one of"),
                               ("crops.local_crops_scale=[0.1,0.2,0.3]", "expects list"),
                               ("evaluation.knn_nb=[0]", "positive integers"),
-                              ("optim.warmup_epochs=200", "at most optim.epochs")]:
+                              ("optim.warmup_epochs=200", "at most optim.epochs"),
+                              ("crops.blur_probabilities=[0.5,0.5]", "3 probabilities"),
+                              ("crops.blur_probabilities=[0,0,2]", "3 probabilities")]:
         with pytest.raises(dm.UserError, match=message):
             dm.load_config("default", [override])
     with pytest.raises(dm.UserError, match="unknown --config"):
         dm.load_config("no_such_preset")
+
+
+def test_overrides_anywhere_and_checkpoints_every_three_epochs(tmp_path, capsys):
+    """Overrides may stand before, between and after options; train.checkpoint_period=0 (the
+    default) saves every 3 x OFFICIAL_EPOCH_LENGTH iterations, as official, and at the end."""
+    assert dm.main(["optim.epochs=3", "--config", "demo", "train.x=1"]) == 2
+    assert "unknown config key 'train.x'" in capsys.readouterr().err
+    argv = ["train.OFFICIAL_EPOCH_LENGTH=1", "--output-dir", str(tmp_path), *TINY[3:],
+            "optim.epochs=5", "--config", "demo", "train.checkpoint_period=0"]
+    assert dm.main(argv) == 0
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("model_")) == [
+        "model_0000003.pth", "model_0000005.pth"]
+    assert dm.DEFAULTS["train"]["checkpoint_period"] == 0
 
 
 def test_every_preset_loads():
@@ -377,10 +392,13 @@ def test_augmentation_crops():
     assert flipped / n == pytest.approx(0.5, abs=0.1)
 
 
-def test_blur_and_solarize_frequencies(monkeypatch):
-    """Effective blur probabilities 0.0 / 0.9 / 0.5 (the official inverted quirk), solarize 0.2 on
-    global crop 2 only."""
-    aug = dm.DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, 16, 8)
+@pytest.mark.parametrize("blur", [None, (0.3, 0.0, 1.0)])
+def test_blur_and_solarize_frequencies(monkeypatch, blur):
+    """Effective blur probabilities 0.0 / 0.9 / 0.5 (the official inverted quirk) unless
+    crops.blur_probabilities (ours) says otherwise; solarize 0.2 on global crop 2 only."""
+    kwargs = {"blur_probabilities": blur} if blur else {}
+    aug = dm.DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, 16, 8, **kwargs)
+    blur = blur or (0.0, 0.9, 0.5)
     counts = {}
 
     def counting(name):
@@ -399,9 +417,9 @@ def test_blur_and_solarize_frequencies(monkeypatch):
     n = 600
     for _ in range(n):
         aug(img)
-    assert counts.get("g1", 0) == 0
-    assert counts["g2"] / n == pytest.approx(0.9, abs=0.04)
-    assert counts["local"] / (2 * n) == pytest.approx(0.5, abs=0.05)
+    assert counts.get("g1", 0) / n == pytest.approx(blur[0], abs=0.05)
+    assert counts.get("g2", 0) / n == pytest.approx(blur[1], abs=0.04)
+    assert counts.get("local", 0) / (2 * n) == pytest.approx(blur[2], abs=0.05)
     assert counts["sol"] / n == pytest.approx(0.2, abs=0.05)
 
 
@@ -500,13 +518,33 @@ def test_shapes_dataset_deterministic_balanced_and_masked():
     assert max(counts) <= 12 and sum(counts) / len(counts) >= 8
 
 
+def official_sharded_stream(size, seed, rank, world_size, n):
+    """dinov2/data/samplers.py ShardedInfiniteSampler(shuffle=True) as train.py selects it (with
+    _shuffle_tensor_slice), written out here from the official code's algorithm."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(size, dtype=torch.int32, generator=g)
+    stream, n_pass = [], 0
+    while len(stream) < n:
+        g.manual_seed(seed + rank + (n_pass << 24))
+        count = size // world_size
+        result = [0] * count
+        for i in range(count):
+            j = torch.randint(0, i + 1, size=(1,), generator=g).item() if i > 0 else 0
+            result[i] = result[j]
+            result[j] = perm[rank + i * world_size].item()
+        stream, n_pass = stream + result, n_pass + 1
+    return stream[:n]
+
+
 def test_sampler_is_the_official_sharded_infinite_one():
-    """Each rank keeps one shard for the whole run; shards are disjoint; every pass reshuffles
-    the shard; start=k continues the same stream; seeds differ by rank and position."""
+    """The same indices as official for the same seed, rank and world size (3 passes of each
+    rank's 5-index shard); shards are disjoint; start=k continues the same stream; every
+    position gets its own crop seed."""
     streams = []
     for rank in (0, 1):
         it = iter(dm.InfiniteSampler(11, seed=3, rank=rank, world_size=2))
-        streams.append([next(it) for _ in range(15)])  # 3 passes of the 5-index shard
+        streams.append([next(it) for _ in range(15)])
+        assert [i for i, _ in streams[-1]] == official_sharded_stream(11, 3, rank, 2, 15)
     idx = [[i for i, _ in s] for s in streams]
     assert set(idx[0][:5]) == set(idx[0][5:10]) == set(idx[0][10:]) and len(set(idx[0])) == 5
     assert not set(idx[0]) & set(idx[1]) and idx[0][:5] != idx[0][5:10]
@@ -514,6 +552,23 @@ def test_sampler_is_the_official_sharded_infinite_one():
     assert [next(resumed) for _ in range(8)] == streams[0][7:]
     seeds = [s for stream in streams for _, s in stream]
     assert len(set(seeds)) == len(seeds)
+
+
+def test_seeded_rng_touches_only_the_generator_it_restores(monkeypatch):
+    """Per-sample seeding must not reseed the CUDA generators: with num_workers=0 on a GPU that
+    would make the model's drop-path draws depend on the samples' seeds."""
+    def reseeded(*args):
+        raise AssertionError("seeded_rng reseeded a CUDA generator")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded)
+    before = torch.get_rng_state()
+    with dm.seeded_rng(5):
+        a = torch.rand(3), random.random()
+    with dm.seeded_rng(5):
+        b = torch.rand(3), random.random()
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert torch.equal(before, torch.get_rng_state())
 
 
 def test_batches_do_not_depend_on_workers_or_restarts():
@@ -708,7 +763,7 @@ def test_mixed_precision_steps_are_finite(device, dtype, capsys):
         assert all(torch.isfinite(v) for v in losses.values()), losses
     dm.benchmark(cfg, dev, warmup=1, iters=1)
     out = capsys.readouterr().out
-    assert ("CUDA max allocated" if device == "cuda" else "process RSS") in out
+    assert ("GiB (CUDA)" if device == "cuda" else "GiB (RSS)") in out
     assert ("bfloat16" if dtype == "bf16" else "float16") in out
 
 
@@ -730,9 +785,10 @@ def test_finished_run_writes_every_output(finished_run):
     assert "pixels_knn_top1" in evals[0] and "pixels_knn_top1" not in evals[1]
     assert all(0 < e["attention_on_object"] < 1 and 0 < e["object_area"] < 1 for e in evals)
     metrics = [json.loads(line) for line in open(out / "training_metrics.json")]
-    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4, 5, 6]
-    assert {"teacher_entropy", "cls_std", "lr", "teacher_temp", "ibot_loss"} <= set(metrics[0])
-    assert all(0 <= m["data_wait"] <= 1.01 for m in metrics)
+    assert [m["iteration"] for m in metrics] == [0, 1, 2, 3, 4, 5]  # as official: from 0
+    assert {"teacher_entropy", "cls_std", "lr", "teacher_temp", "ibot_loss", "total_loss",
+            "current_batch_size", "last_layer_lr"} <= set(metrics[0])
+    assert all(0 <= m["data_time"] <= m["iter_time"] for m in metrics)
     cfg = json.load(open(out / "config.json"))
     assert cfg["optim"]["lr"] == pytest.approx(cfg["optim"]["base_lr"] * math.sqrt(8 / 1024))
     teacher = dm.build_backbone(tiny_config(), drop_path=False)
@@ -775,6 +831,7 @@ def _dist_worker(rank, world_size, port, tmp):
                        "train.num_workers=2"]
         model, _ = dm.train(dm.load_config("demo", over), device, f"{tmp}/a")
         torch.save(model.state_dict(), f"{tmp}/weights_{rank}.pt")
+        assert model.student_forward.gradient_as_bucket_view  # one gradient-sized copy less
         # ... and again, resumed from its iteration-3 checkpoint
         if rank == 0:
             shutil.copytree(f"{tmp}/a", f"{tmp}/b", ignore=shutil.ignore_patterns("model_0000006*"))
@@ -811,21 +868,27 @@ def test_two_processes_reduce_globally_and_resume_exactly(tmp_path):
 
 
 def test_log_line_flags_uniform_targets(tmp_path, capsys):
-    """training_metrics.json holds the median of the last 20 values (as official MetricLogger);
-    the log line says UNIFORM when the teacher's entropy is within 5% of ln K, and only then."""
+    """training_metrics.json holds what official MetricLogger dumps: the lower median of the last
+    20 values of each term, schedule value and of the per-iteration totals (not the sum of the
+    terms' medians); the log line says UNIFORM when the teacher's entropy is within 5% of ln K."""
     model = dm.SSLMetaArch(tiny_config())  # K = 256
     log = dm.RunLog(tiny_config(), model, str(tmp_path), 0, 30)
+    a, b = [0.0, 10.0, 1.0] * 7, [10.0, 0.0, 1.0] * 7  # totals 10, 10, 2: median 10; terms 1, 1
     for i, entropy in enumerate([5.5] * 10 + [1.0] * 11):  # the window keeps the last 20
-        log.add({"dino_global_crops_loss": float(i), "teacher_entropy": entropy, "cls_std": 1.0},
-                n_skipped=0, lr=0.1, wd=0.04, mom=0.99, last_layer_lr=0.1, teacher_temp=0.04)
+        log.wait_for(iter([None]))
+        log.add({"dino_global_crops_loss": a[i], "ibot_loss": b[i], "teacher_entropy": entropy,
+                 "cls_std": 1.0}, n_skipped=0, lr=float(i), wd=0.04, mom=0.99,
+                last_layer_lr=0.1, current_batch_size=8, teacher_temp=0.04)
         if i in (9, 20):
-            log.write(i + 1)
+            log.write(i)
     log.close()
     lines = [json.loads(line) for line in open(tmp_path / "training_metrics.json")]
-    assert lines[0]["teacher_entropy"] == 5.5 and lines[0]["dino_global_crops_loss"] == 4.5
-    assert lines[1]["teacher_entropy"] == 1.0 and lines[1]["dino_global_crops_loss"] == 10.5
+    assert lines[0]["teacher_entropy"] == 5.5 and lines[0]["lr"] == 4.0  # lower median of 0..9
+    assert lines[0]["total_loss"] == 10.0 and lines[0]["dino_global_crops_loss"] == 1.0
+    assert lines[1]["teacher_entropy"] == 1.0 and lines[1]["lr"] == 10.0  # of 1..20
     out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("it ")]
     assert "H(t) 5.50/5.55 UNIFORM (collapse)" in out[0] and "UNIFORM" not in out[1]
+    assert "it 0000009/30 | loss 10.0000" in out[0]
 
 
 def test_non_finite_loss_stops_at_once_without_saving(tmp_path, monkeypatch, capsys):
@@ -877,7 +940,7 @@ def test_sigterm_saves_and_kill9_resumes_exactly(tmp_path):
     assert proc.returncode == 0 and b"stopped by SIGTERM" in stdout
     it = dm.load_latest_checkpoint(str(term))[1]["iteration"]
     logged = [json.loads(line)["iteration"] for line in open(term / "training_metrics.json")]
-    assert 5 <= it < 18 and it == logged[-1]
+    assert 5 <= it < 18 and it - 1 == logged[-1]
 
     killed = tmp_path / "killed"
     kill_after = random.Random(7).randint(3, 12)
@@ -927,6 +990,23 @@ def test_imagenet_layout_pretrains_on_train_and_monitors_with_val(tmp_path, caps
     assert run_cli(tmp_path / "run2", "--config", "demo", "--data", str(tmp_path / "flat")) == 0
     out = capsys.readouterr().out
     assert "has no class folders" in out and "kNN monitor: 8 neighbours, 4 queries" in out
+
+
+def test_own_folder_on_a_cpu_gets_the_small_preset_and_its_cost(tmp_path, capsys, monkeypatch):
+    """--data without --config on a machine without a GPU trains the small preset and says so
+    first, with the iterations and an estimated time for it and for the official recipe."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    make_imagenet_like(tmp_path / "in")
+    argv = ["--data", str(tmp_path / "in"), "--output-dir", str(tmp_path / "run"),
+            "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=3", "optim.warmup_epochs=0",
+            "train.batch_size_per_gpu=8", "train.num_workers=0", "train.log_every=1"]
+    assert dm.main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("no GPU: training with the small preset, 3 iterations of "
+                            "vit_pico/8, about ") and "minutes here" in first
+    assert "(--config default) would take 3 iterations of vit_large/16, about " in first
+    assert json.load(open(tmp_path / "run" / "config.json"))["student"]["patch_size"] == 8
+    assert len(open(tmp_path / "run" / "training_metrics.json").read().splitlines()) == 3
 
 
 def bad_cases(tmp_path):
@@ -993,6 +1073,28 @@ def test_out_of_memory_is_one_line_with_advice(monkeypatch, capsys):
     assert "train.batch_size_per_gpu" in err
 
 
+def test_resume_may_change_the_lr_but_not_the_shapes(finished_run, tmp_path, capsys):
+    """As official, a resumed run takes the command's config: a lower optim.base_lr (and 3 more
+    iterations) continues with the new lr, says so once and config.json records it; a key that
+    shapes the weights or the data stream is refused in one line that says why."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    assert run_cli(out, "optim.epochs=3", "crops.local_crops_number=3") == 2
+    assert "crops.local_crops_number=2, this command says 3: that changes the data stream" in \
+        capsys.readouterr().err
+    assert run_cli(out, "optim.epochs=3", "optim.base_lr=0.001", "ibot.head_n_prototypes=7") == 0
+    text = capsys.readouterr().out
+    assert text.count("resume with a changed config: optim.base_lr: 0.016 -> 0.001") == 1
+    assert "ibot.head_n_prototypes: 65536 -> 7" in text  # used by a separate head only
+    cfg = tiny_config("optim.epochs=3", "optim.base_lr=0.001")
+    dm.apply_scaling_rules(cfg, 1)
+    first_after = [json.loads(line) for line in open(out / "training_metrics.json")][6]
+    assert first_after["iteration"] == 6
+    assert first_after["lr"] == pytest.approx(float(dm.build_schedulers(cfg)["lr"][6]))
+    assert json.load(open(out / "config.json"))["optim"]["base_lr"] == 0.001
+    assert checkpoint(out, 9)["config"]["optim"]["base_lr"] == 0.001
+
+
 def test_checkpoint_problems(finished_run, tmp_path, monkeypatch, capsys):
     """Another config is refused with a hint; a damaged newest checkpoint is reported and the
     one before it used; a failing write (disk full) keeps the previous checkpoint."""
@@ -1000,7 +1102,8 @@ def test_checkpoint_problems(finished_run, tmp_path, monkeypatch, capsys):
     shutil.copytree(finished_run, out)
     assert run_cli(out, "dino.head_n_prototypes=32") == 2
     err = capsys.readouterr().err
-    assert "dino.head_n_prototypes: 256 -> 32" in err and "start fresh" in err
+    assert "other shapes" in err and "dino.head_n_prototypes: 256 -> 32" in err
+    assert "start fresh" in err
     with open(out / "model_0000006.pth", "r+b") as f:
         f.truncate(1000)
     open(out / "model_0000009.pth.tmp", "wb").close()  # a save interrupted by a kill
@@ -1117,6 +1220,51 @@ def test_readme_deviation_table_matches_the_code():
     """README.md holds exactly the table generated from the `# Deviation from official:` tags."""
     with open(os.path.join(HERE, "README.md")) as f:
         assert deviations_table() in f.read()
+
+
+def readme():
+    with open(os.path.join(HERE, "README.md")) as f:
+        return f.read()
+
+
+def test_readme_says_what_the_card_command_trains():
+    """The 8-GPU numbers of the README are the config's: global batch, iterations, images seen,
+    the lr after scaling, and the FLOP count the wall-time estimate starts from."""
+    cfg = dm.load_config("default")
+    dm.apply_scaling_rules(cfg, 8)
+    B, iters = 8 * cfg.train.batch_size_per_gpu, cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    flops = dm.step_flops(cfg, B // 8, B // 8 * 0.3 * grid ** 2)  # masks: 2B x 0.5 x 0.3 of N
+    text = readme()
+    for fact in (f"| global batch | {B} (", f"| iterations | {iters:,} (", f"| {B * iters:,} (",
+                 f"| {cfg.optim.lr:.5f} |", f"{flops / 1e12:.1f} TFLOP per GPU per step"):
+        assert fact in text, fact
+    assert "four times as many GPU-days" not in text
+
+
+@pytest.mark.parametrize("preset", ["demo", "small"])
+def test_readme_declares_every_value_of_our_presets(preset):
+    """Every key our CPU presets set is a row of the README's table, with the same value, and
+    the official default beside it; keys that change nothing (iBOT head sizes without a separate
+    head) are not set."""
+    with open(os.path.join(HERE, "configs.json")) as f:
+        values = dm.flat_keys(json.load(f)[preset])
+    rows = {line.split("|")[1].strip(" `"): [c.strip(" `") for c in line.split("|")[2:5]]
+            for line in readme().splitlines() if line.startswith("| `") and line.count("|") >= 6}
+    column, text = {"demo": 1, "small": 2}[preset], (lambda v: v if isinstance(v, str)
+                                                     else json.dumps(v))
+    for key, value in values.items():
+        assert key in rows, key
+        assert rows[key][0] == text(dm.flat_keys(dm.DEFAULTS)[key]), key
+        assert rows[key][column] == text(value), key
+    assert not any(k.startswith("ibot.head_") for k in values)
+
+
+def test_the_story_stays_about_1500_lines_and_the_machinery_does_not_grow():
+    lines = open(os.path.join(HERE, "dino_mini.py")).read().splitlines()
+    story = next(i for i, line in enumerate(lines) if line.startswith("# The machinery around"))
+    assert story <= 1520 and len(lines) - story <= 1050
+    assert max(map(len, lines)) <= 100
 
 
 # ---------------------------------------------------------------------------------------------
