@@ -2271,16 +2271,16 @@ def peak_memory_gib(device):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2 ** (30 if sys.platform == "darwin" else 20)
 
-def cost_here(cfg, utilisation=0.5):
+def cost_here(cfg, utilisation=0.3):
     """"N iterations ..., about T here", T from the FLOPs of a step and a CPU matmul timed now."""
     B, grid = cfg.train.batch_size_per_gpu, cfg.crops.global_crops_size // cfg.student.patch_size
     n_masked = B * cfg.ibot.mask_sample_probability * sum(cfg.ibot.mask_ratio_min_max) * grid ** 2
     iters = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
     peak = measure_peak_flops(torch.device("cpu"), torch.float32)
     hours = iters * step_flops(cfg, B, n_masked) / (utilisation * peak) / 3600
-    when = (f"{60 * hours:.0f} minutes" if hours < 2 else f"{hours:.0f} hours" if hours < 48
-            else f"{hours / 24:.0f} days")
-    return f"{iters} iterations of {cfg.student.arch}/{cfg.student.patch_size}, about {when} here"
+    when = ("under a minute" if hours < 1 / 60 else f"about {60 * hours:.0f} minutes" if hours < 2
+            else f"about {hours:.0f} hours" if hours < 48 else f"about {hours / 24:.0f} days")
+    return f"{iters} iterations of {cfg.student.arch}/{cfg.student.patch_size}, {when} here"
 
 def benchmark(cfg, device, warmup=3, iters=10):
     """train_step's parts timed on a synthetic in-memory batch: images/s, time per part, peak
