@@ -1516,9 +1516,7 @@ def check_finite(values, loss_names, iteration, output_dir):
 # -------------------------------------------------------------------------------------------------
 
 CKPT_GLOB = "model_*.pth"
-# A resumed run takes the command's config, as official: lr, schedules, temperatures, loss weights,
-# dtype, clipping, periods, workers may all change. Refused are changes to the shapes of the saved
-# tensors (load_state_dict tells) and to these keys, which fix the stream of crops.
+# the keys that fix the stream of crops: a resume may not change them (config_changes)
 DATA_STREAM_KEYS = ("train.batch_size_per_gpu", "train.seed", "train.dataset_path", "crops.")
 
 class NonFiniteLoss(UserError):
@@ -1529,8 +1527,7 @@ def request_stop(signum, frame):
 
 class RunLog:
     """The log line and training_metrics.json as official MetricLogger: after iteration i (from 0)
-    when i % log_every == 0 and after the last, the lower median of the last 20 values of every
-    loss, total and schedule value, the mean iteration and data times, our collapse diagnostics."""
+    when i % log_every == 0 and after the last, the lower median of the last 20 values of each."""
 
     def __init__(self, cfg, model, output_dir, start_iter, total_iters):
         self.path = os.path.join(output_dir, "training_metrics.json")
@@ -1547,6 +1544,7 @@ class RunLog:
         return data
 
     def add(self, values, n_skipped, **schedule_values):
+        # Deviation from official: iter_time ends before the evaluation and checkpoint of its step.
         total = sum(v for k, v in values.items() if k.endswith("_loss"))  # as official's total
         for k, v in {**values, "total_loss": total, **schedule_values,
                      "iter_time": time.perf_counter() - self.t0}.items():
@@ -1617,7 +1615,10 @@ def load_latest_checkpoint(output_dir):
     return None, None
 
 def config_changes(ckpt_cfg, cfg, output_dir):
-    """["key: old -> new"] of the keys this command changes; the data stream may not change."""
+    """["key: old -> new"] of the keys this command changes: lr, schedules, loss weights, dtype ...
+    may change on resume, as official resumes with whatever config it is given."""
+    # Deviation from official: a change of the data stream (DATA_STREAM_KEYS) is refused, and one of
+    # the weights' shapes or parameter groups by the load (official loads with strict=False).
     old, new = flat_keys(ckpt_cfg), flat_keys(cfg)
     changes = [k for k in new if old.get(k) != new[k] and k not in ("optim.lr", "train.output_dir")]
     for k in changes:
