@@ -22,7 +22,8 @@ Reading order. Sections 1-9 are the training story, in the order a run uses them
 machinery around it, which a first reading can skip.
      1. Config              the official defaults, presets, the lr scaling rule
      2. Processes           torchrun, one all-reduce helper, seeds
-     3. Data                multi-crop augmentation, block masks, collate, sampler, loader
+     3. Data                multi-crop augmentation (geometry, batched colour), block masks,
+                            collate, sampler, loader
      4. Vision Transformer  DinoVisionTransformer with the official parameter names
      5. Heads               DINOHead: MLP, L2 norm, weight-normalised prototypes
      6. Losses              DINO (centering or Sinkhorn-Knopp), iBOT, KoLeo
@@ -279,9 +280,10 @@ def seeded_rng(seed):
 
 # -------------------------------------------------------------------------------------------------
 # 3. Data (dinov2/data/augmentations.py, masking.py, collate.py, samplers.py)
-# Each image becomes 2 global and L local crops; half of the global crops get a block mask for
-# iBOT; the collate stacks them crop-major. An endless sharded sampler feeds every rank. (Listing
-# folders and the built-in dataset are machinery: section 11.)
+# Each image becomes 2 global and L local crops, cut in the loader's workers and coloured a batch
+# at a time where the model runs; half of the global crops get a block mask for iBOT; the collate
+# stacks them crop-major. An endless sharded sampler feeds every rank. (Listing folders and the
+# built-in dataset are machinery: section 11.)
 # -------------------------------------------------------------------------------------------------
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -289,7 +291,10 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
                   ".pgm")
 
 class DataAugmentationDINO:
-    """Two global crops and `local_crops_number` local crops of one image (DINO sec. 3.1)."""
+    """Two global crops and `local_crops_number` local crops of one image (DINO sec. 3.1), made in
+    two halves: geometry() per image in the loader's workers (crops and flips, kept as uint8, and
+    every random draw of the colour stage), colour() per batch where the model runs. Calling it
+    on one image runs both and returns its finished crops, as official."""
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
                  global_crops_size=224, local_crops_size=96, blur_probabilities=(0.0, 0.9, 0.5)):
@@ -303,37 +308,124 @@ class DataAugmentationDINO:
             transforms.RandomResizedCrop(local_crops_size, scale=local_crops_scale,
                                          interpolation=bicubic),
             transforms.RandomHorizontalFlip(p=0.5)])
-        color_jittering = transforms.Compose([
-            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            transforms.RandomGrayscale(p=0.2)])
-
         # Gaussian blur: the official GaussianBlur(p) wraps RandomApply(p=1 - p), so the
         # probabilities written there (1.0, 0.1, 0.5) are inverted. The released models were
         # trained with what the code did, not with what it says: no blur on global crop 1, blur
-        # 90% of the time on global crop 2, 50% on local crops. We write the effective values. The
-        # p=0.0 RandomApply still draws its random number, so the random stream stays aligned.
+        # 90% of the time on global crop 2, 50% on local crops. We write the effective values.
         # (Ours: blur_probabilities sets them; a 9-tap kernel wipes out the strokes of small crops.)
-        def blur(p):
-            kernel = transforms.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))
-            return transforms.RandomApply([kernel], p=p)
-
-        normalize = transforms.Compose([transforms.ToTensor(),
-                                        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        # Solarize only global crop 2, with probability 0.2: the two views differ on purpose.
+        # Colour jitter 80% of the time, grayscale 20%, on every crop. Per crop (global 1, global
+        # 2, the locals), the probability of jitter, grayscale, blur, solarize:
         p_global_1, p_global_2, p_local = blur_probabilities
-        self.global_transfo1 = transforms.Compose([color_jittering, blur(p_global_1), normalize])
-        solarize = transforms.RandomSolarize(threshold=128, p=0.2)
-        self.global_transfo2 = transforms.Compose([color_jittering, blur(p_global_2), solarize,
-                                                   normalize])
-        self.local_transfo = transforms.Compose([color_jittering, blur(p_local), normalize])
+        self.p_apply = torch.tensor([[0.8, 0.2, p_global_1, 0.0], [0.8, 0.2, p_global_2, 0.2]]
+                                    + [[0.8, 0.2, p_local, 0.0]] * local_crops_number)
 
     def __call__(self, image):
-        global_crop_1 = self.global_transfo1(self.geometric_augmentation_global(image))
-        global_crop_2 = self.global_transfo2(self.geometric_augmentation_global(image))
-        local_crops = [self.local_transfo(self.geometric_augmentation_local(image))
-                       for _ in range(self.local_crops_number)]
-        return {"global_crops": [global_crop_1, global_crop_2],
-                "global_crops_teacher": [global_crop_1, global_crop_2],  # the teacher's two views
+        crops = self.geometry(image)
+        params = crops["colour"]
+        global_crops = list(self.colour(torch.stack(crops["global_crops"]), params[:2]))
+        local_crops = (list(self.colour(torch.stack(crops["local_crops"]), params[2:]))
+                       if self.local_crops_number else [])
+        return {"global_crops": global_crops, "global_crops_teacher": global_crops,  # the same
                 "local_crops": local_crops, "offsets": ()}
+
+    def geometry(self, image):
+        """The worker's half: 2 + L crops of a PIL image, each (3, size, size) uint8, and their
+        colour parameters (2 + L, 12), all drawn from the torch generator (the sample's seed)."""
+        as_uint8 = transforms.functional.pil_to_tensor
+        global_crops = [as_uint8(self.geometric_augmentation_global(image)) for _ in range(2)]
+        local_crops = [as_uint8(self.geometric_augmentation_local(image))
+                       for _ in range(self.local_crops_number)]
+        return {"global_crops": global_crops, "global_crops_teacher": global_crops,
+                "local_crops": local_crops, "offsets": (), "colour": self.colour_parameters()}
+
+    def colour_parameters(self):
+        """One row per crop, the draws of torchvision's RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1),
+        p=0.8), RandomGrayscale(0.2), RandomApply(GaussianBlur(9, (0.1, 2.0)), p) and
+        RandomSolarize(128, p): columns COLOUR_COLUMNS."""
+        # Deviation from official: the colour stage's random draws are made per image in the
+        # worker, its operations run on whole batches of tensors where the model runs (the GPU);
+        # the same distribution, another random stream.
+        n = len(self.p_apply)
+        applies = torch.rand(n, 4) < self.p_apply  # (n, 4): jitter, grayscale, blur, solarize
+        low, high = JITTER_RANGES.T  # (4,) each
+        factors = low + (high - low) * torch.rand(n, 4)  # brightness, contrast, saturation, hue
+        order = torch.rand(n, 4).argsort(dim=1)  # a uniform random order of the 4, as randperm(4)
+        sigma = torch.where(applies[:, 2], 0.1 + 1.9 * torch.rand(n), 0.0)  # U[0.1, 2]; 0: none
+        return torch.cat([applies[:, :1], factors, order, applies[:, 1:2], sigma[:, None],
+                          applies[:, 3:]], dim=1).float()  # (n, 12)
+
+    def colour(self, crops, params):
+        """The batch's half: uint8 crops (n, 3, h, w) on any device, each with its own row of
+        colour parameters (n, 12), to normalised float crops. The official order: jitter (its four
+        operations in the crop's own order), grayscale, blur, solarize, normalise."""
+        x = crops.float() / 255  # (n, 3, h, w) in [0, 1], as ToTensor gives
+        params = params.to(x.device)
+
+        def apply(rows, op, *args):  # op on the crops of the selected rows only
+            if rows.any():
+                x[rows] = op(x[rows], *(a[rows] for a in args))
+
+        factors = params[:, 1:5, None, None, None]  # (n, 4, 1, 1, 1)
+        for position in range(4):
+            for op, adjust in enumerate(JITTER_OPS):
+                apply((params[:, 0] > 0) & (params[:, 5 + position] == op), adjust, factors[:, op])
+        apply(params[:, 9] > 0, lambda x: luma(x).expand(-1, 3, -1, -1))  # grayscale, 3 channels
+        apply(params[:, 10] > 0, gaussian_blur, params[:, 10])
+        apply(params[:, 11] > 0, lambda x: torch.where(x >= 128 / 255, 1 - x, x))  # solarize
+        mean, std = (x.new_tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        return (x - mean) / std
+
+    def colour_batch(self, batch, device):
+        """colour() on a collated batch, on `device`: its uint8 crops become normalised floats."""
+        for kind in ("global", "local"):
+            crops, params = batch[f"collated_{kind}_crops"], batch.pop(f"{kind}_colour", None)
+            if params is not None and len(crops):  # not coloured yet
+                batch[f"collated_{kind}_crops"] = self.colour(
+                    crops.to(device, non_blocking=True), params)
+        return batch
+
+COLOUR_COLUMNS = ("jitter", "brightness", "contrast", "saturation", "hue", "op 1", "op 2", "op 3",
+                  "op 4", "grayscale", "blur sigma", "solarize")
+JITTER_RANGES = torch.tensor([[0.6, 1.4], [0.6, 1.4], [0.8, 1.2], [-0.1, 0.1]])  # ColorJitter's
+
+# The colour operations on float crops x (n, 3, h, w) in [0, 1], one factor f (n, 1, 1, 1) per
+# crop, with the formulas of the torchvision ops that official applies to PIL images.
+def luma(x):  # (n, 3, h, w) -> (n, 1, h, w): ITU-R 601-2 luma, as PIL's convert("L")
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+def blend(x, f, other):  # f = 1 keeps x, f = 0 gives `other`
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+def adjust_hue(x, f):
+    """Rotate the hue by f turns, keeping value (max) and chroma (max - min)."""
+    f = torch.trunc(f * 255) / 255  # as official's PIL path: a whole number of 1/255 turns
+    v, c = x.amax(1, keepdim=True), x.amax(1, keepdim=True) - x.amin(1, keepdim=True)
+    r, g, b, c_safe = x[:, :1], x[:, 1:2], x[:, 2:], torch.where(c > 0, c, 1.0)
+    h = torch.where(v == r, (g - b) / c_safe,  # hue in sixths of a turn, from the largest channel
+                    torch.where(v == g, 2 + (b - r) / c_safe, 4 + (r - g) / c_safe))
+    h = (h / 6 + f) % 1  # (n, 1, h, w) turns
+    # back to RGB: channel n = 5, 3, 1 (R, G, B) is v - c * clamp(min(k, 4 - k), 0, 1),
+    # k = (n + 6 h) mod 6: the piecewise-linear hexcone written once for the three channels
+    k = (x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + 6 * h) % 6
+    return v - c * torch.minimum(k, 4 - k).clamp(0, 1)
+
+JITTER_OPS = (  # the numbers of the "op" columns
+    lambda x, f: blend(x, f, 0.0),  # brightness: from black
+    lambda x, f: blend(x, f, luma(x).mean(dim=(1, 2, 3), keepdim=True)),  # contrast: mean grey
+    lambda x, f: blend(x, f, luma(x)),  # saturation: from the crop's own grayscale
+    adjust_hue)
+
+def gaussian_blur(x, sigma, kernel_size=9):
+    """torchvision's gaussian_blur (reflect padding, a kernel_size-tap kernel of each crop's
+    sigma (n,)) as two 1-D passes: the same 2-D kernel, 2 x 9 instead of 81 taps per pixel."""
+    n, C, H, W = x.shape
+    t = torch.arange(kernel_size, device=x.device) - kernel_size // 2  # -4 ... 4
+    kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (n C, 9)
+    y = F.pad(x.reshape(1, n * C, H, W), [kernel_size // 2] * 4, mode="reflect")
+    y = F.conv2d(y, kernel.view(n * C, 1, 1, kernel_size), groups=n * C)  # along rows
+    return F.conv2d(y, kernel.view(n * C, 1, kernel_size, 1), groups=n * C).view(n, C, H, W)
 
 def make_augmentation(cfg):
     c = cfg.crops
@@ -506,22 +598,29 @@ class SeededSamples(torch.utils.data.Dataset):
         with seeded_rng(seed):
             return (*self.dataset[index], seed)
 
-def collate_pretrain(samples, **kwargs):
+def collate_pretrain(samples, augmentation=None, **kwargs):
     """collate_data_and_cast under the batch's own seed (so the masks, too, depend only on the
-    position in the stream), plus how many unreadable files were skipped."""
+    position in the stream), plus the crops' colour parameters in the same crop-major order, how
+    many unreadable files were skipped, and the colour stage itself if `augmentation` is given."""
     with seeded_rng(hash((samples[0][-1], 1)) % 2 ** 63):
         batch = collate_data_and_cast(samples, **kwargs)
+    n = 2 * len(samples)  # global crops: the colour rows go crop-major too
+    colour = torch.stack([s[0]["colour"] for s in samples], dim=1).flatten(0, 1)  # ((2 + L) B, 12)
+    batch["global_colour"], batch["local_colour"] = colour[:n], colour[n:]
     batch["n_skipped"] = sum(s[2] for s in samples)
-    return batch
+    return augmentation.colour_batch(batch, "cpu") if augmentation else batch
 
-def make_pretrain_loader(cfg, dataset, start_iter, rank, world_size):
-    """Batches of B images from iteration start_iter on, for this rank (official train.py)."""
+def make_pretrain_loader(cfg, dataset, start_iter, rank, world_size, colour_in_loader=None):
+    """Batches of B images from iteration start_iter on, for this rank (official train.py). The
+    dataset makes geometry() crops; their colour stage runs in the loader's collate when
+    colour_in_loader (a DataAugmentationDINO) is given, else the uint8 crops come out."""
     grid = cfg.crops.global_crops_size // cfg.student.patch_size  # patches per side
     mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid)
-    # Deviation from official: crops stay fp32 (autocast casts them); official collates to fp16.
+    # Deviation from official: crops cross the loader as uint8 (official collates fp16 crops).
     collate_fn = partial(collate_pretrain, mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-                         mask_probability=cfg.ibot.mask_sample_probability, dtype=torch.float32,
-                         n_tokens=grid * grid, mask_generator=mask_generator)
+                         mask_probability=cfg.ibot.mask_sample_probability, dtype=torch.uint8,
+                         n_tokens=grid * grid, mask_generator=mask_generator,
+                         augmentation=colour_in_loader)
     B = cfg.train.batch_size_per_gpu
     if len(dataset) < world_size:
         raise UserError(f"{len(dataset)} images cannot be shared among {world_size} processes")
@@ -889,7 +988,9 @@ def sinkhorn_knopp(teacher_output, teacher_temp, n_rows_total, n_iterations=3):
     """Teacher logits (n, K) to targets whose rows sum to 1 while, over the global batch of
     n_rows_total rows, every prototype gets the same total mass 1/K: alternate row and column
     normalisation of Q = exp(z / T) (no max-subtraction, as official), with sums over all ranks."""
-    Q = torch.exp(teacher_output.float() / teacher_temp).t()  # (K, n)
+    # Deviation from official: float64 (official: float32); at our presets' teacher temperature
+    # 0.01, z / T reaches 100 and float32's exp overflows above 88 (NaN targets).
+    Q = torch.exp(teacher_output.double() / teacher_temp).t()  # (K, n)
     K = Q.shape[0]
     sum_Q = torch.sum(Q)
     all_reduce_(sum_Q)  # global across ranks in the official code
@@ -902,7 +1003,7 @@ def sinkhorn_knopp(teacher_output, teacher_temp, n_rows_total, n_iterations=3):
         Q /= torch.sum(Q, dim=0, keepdim=True)  # mass per sample
         Q /= n_rows_total
     Q *= n_rows_total  # rows (samples) sum to one
-    return Q.t()  # (n, K)
+    return Q.t().float()  # (n, K)
 
 class CenteredTeacherLoss(nn.Module):
     """What DINOLoss and iBOTPatchLoss share: the centre, an EMA of the teacher logits, updated
@@ -1428,10 +1529,10 @@ def train(cfg, device, output_dir, knn_data=None, images=None):
            f"({cfg.optim.epochs} epochs of {E}), {str(dtype).replace('torch.', '')} on {device}")
 
     # ---- data, model, optimizer, schedules ----
-    augmentation = make_augmentation(cfg)
+    augmentation = make_augmentation(cfg)  # geometry in the loader, colour where the model runs
     images = images or pretrain_images(cfg, output_dir)
-    dataset = (ImageFolderDataset(images, augmentation) if images
-               else builtin_split("train", augmentation))
+    dataset = (ImageFolderDataset(images, augmentation.geometry) if images
+               else builtin_split("train", augmentation.geometry))
     model, optimizer = build_model_and_optimizer(cfg, device, dtype)
     n_params = sum(p.numel() for p in model.student.backbone.parameters())
     print0(f"student: {cfg.student.arch}/{cfg.student.patch_size}, {n_params / 1e6:.2f}M backbone "
@@ -1440,7 +1541,9 @@ def train(cfg, device, output_dir, knn_data=None, images=None):
 
     # ---- resume from the newest checkpoint in output_dir, if there is one ----
     start_iter = resume(output_dir, cfg, model, optimizer)
-    data_iter = iter(make_pretrain_loader(cfg, dataset, start_iter, rank, W))
+    # the colour stage on the GPU; on a CPU-only run in the loader, beside the training process
+    colour_in_loader = augmentation if device.type == "cpu" else None
+    data_iter = iter(make_pretrain_loader(cfg, dataset, start_iter, rank, W, colour_in_loader))
     knn_history = {}
     if start_iter == 0 and knn_data is not None:
         knn_history[0] = evaluate(cfg, model, knn_data, 0, output_dir, device)
@@ -1449,6 +1552,7 @@ def train(cfg, device, output_dir, knn_data=None, images=None):
     log = RunLog(cfg, model, output_dir, start_iter, total_iters)
     for it in range(start_iter, total_iters):
         data = log.wait_for(data_iter)  # waits only when the loader's workers are behind
+        data = augmentation.colour_batch(data, device)  # unless the loader did it already
         # 1) this iteration's values of the five schedules
         lr, wd, mom = schedules["lr"][it], schedules["wd"][it], schedules["mom"][it]
         teacher_temp, last_layer_lr = schedules["teacher_temp"][it], schedules["last_layer_lr"][it]
@@ -1703,8 +1807,7 @@ def save_teacher(output_dir, model, iteration):
     os.makedirs(folder, exist_ok=True)
     atomic_save({"teacher": model.teacher.state_dict()},
                 os.path.join(folder, "teacher_checkpoint.pth"))
-    atomic_save(model.teacher.backbone.state_dict(), os.path.join(output_dir,
-                                                                  "teacher_backbone.pth"))
+    atomic_save(model.teacher.backbone.state_dict(), f"{output_dir}/teacher_backbone.pth")
 
 def read_backbone_state(path):
     """The ViT backbone state dict in any weights file: Meta's release, our teacher_backbone.pth,
@@ -1795,10 +1898,9 @@ def load_rgb(path):
     return img.convert("RGB")
 
 class ImageList:
-    """The image files under a folder: relative paths and a class each (the first-level folder).
-    One bytes buffer and two flat arrays, not a list of strings: reading a Python object writes its
-    reference count, which would copy a list of 1.28M paths into every forked DataLoader worker
-    page by page (PyTorch issue #13246)."""
+    """The image files under a folder: relative paths and a class each (the first-level folder),
+    in one bytes buffer and two flat arrays: a list of 1.28M strings would be copied page by page
+    into each forked DataLoader worker, as reading an object writes its refcount (PyTorch #13246)"""
 
     def __init__(self, root, paths):
         self.root = root
@@ -1896,14 +1998,12 @@ POLYGONS = {  # the polygon shapes, in units of the shape's radius around its ce
                (.3, 1), (-.3, 1), (-.3, .3), (-1, .3)]],
     "bars": [[(-1, -1), (-.4, -1), (-.4, 1), (-1, 1)], [(.4, -1), (1, -1), (1, 1), (.4, 1)]],
     "half_disk": [[(math.cos(math.pi * k / 12), math.sin(math.pi * k / 12)) for k in range(13)]],
-    "ell": [[(-1, -1), (-.4, -1), (-.4, .4), (1, .4), (1, 1), (-1, 1)]],
-}
+    "ell": [[(-1, -1), (-.4, -1), (-.4, .4), (1, .4), (1, 1), (-1, 1)]]}
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """Ours: ten shape classes drawn on the fly, so `python dino_mini.py` needs no download. Image
-    i holds up to 12 small shapes of its class, each with its own place, size, brightness and tint,
-    on one grey background: DINO learns what the crops of an image share, and here that is the
-    class (README, "Collapse"); many small shapes keep raw pixels from solving it."""
+    """Ours: ten shape classes drawn on the fly (no download). Image i holds up to 12 small shapes
+    of its class, each with its own place, size, brightness and tint, on one grey background: what
+    the crops of an image share is the class (README, "Collapse"), not its raw pixels."""
 
     def __init__(self, n_images, transform, size=48, seed=0):
         self.n_images, self.transform, self.size, self.seed = n_images, transform, size, seed
@@ -2032,17 +2132,13 @@ def class_balanced(labels, n_per_class, seed=0):
             keep.append(i)
     return sorted(keep)
 
-def labels_of(dataset):
-    """The labels of a dataset, or of a Subset of one, without decoding any image."""
-    if isinstance(dataset, torch.utils.data.Subset):
-        inner = labels_of(dataset.dataset)
-        return [inner[i] for i in dataset.indices]
-    return dataset.labels
+def labels_of(dataset):  # a dataset's labels, or a Subset's (one level deep), decoding nothing
+    subset = isinstance(dataset, torch.utils.data.Subset)
+    return [dataset.dataset.labels[i] for i in dataset.indices] if subset else dataset.labels
 
 def make_knn_data(cfg, images=None):
-    """(neighbours, queries) for the kNN monitor, or None without labels, from: the folders
-    evaluation.knn_train/val_dataset; the built-in splits; DIR/train and DIR/val (ImageNet's
-    layout); else a fixed held-out fifth of a folder with class sub-folders as queries."""
+    """(neighbours, queries) for the kNN monitor, or None without labels: evaluation.knn_*_dataset,
+    the built-in splits, DIR/train and DIR/val, or else a fixed fifth of DIR's classes' images."""
     ev, eval_t = cfg.evaluation, make_eval_transform(cfg.crops.global_crops_size)
 
     def folder(path):
@@ -2290,13 +2386,9 @@ def benchmark(cfg, device, warmup=3, iters=10):
     apply_scaling_rules(cfg, W)
     model, optimizer = build_model_and_optimizer(cfg, device, dtype)
     G, L, p = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.student.patch_size
-    crops = [({"global_crops": [torch.randn(3, G, G) for _ in range(2)],
-               "local_crops": [torch.randn(3, L, L) for _ in range(cfg.crops.local_crops_number)]},
-              0) for _ in range(B)]
-    batch = collate_data_and_cast(crops, tuple(cfg.ibot.mask_ratio_min_max),
-                                  cfg.ibot.mask_sample_probability, torch.float32, (G // p) ** 2,
-                                  MaskingGenerator((G // p, G // p), 0.5 * (G // p) ** 2))
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    aug, cfg.train.num_workers = make_augmentation(cfg), 0  # one batch of built-in images
+    batch = next(iter(make_pretrain_loader(cfg, builtin_split("train", aug.geometry), 0, 0, 1)))
+    batch = aug.colour_batch(batch, device)  # crops on the device, as the training loop has them
 
     def teacher_forward():
         with torch.no_grad(), model.autocast_ctx:
@@ -2321,30 +2413,46 @@ def benchmark(cfg, device, warmup=3, iters=10):
               "compile": cfg.train.compile, "images_per_s": B / times["step"],
               **{f"{k}_s": v for k, v in times.items()}, "peak_memory_gib": peak_memory_gib(device),
               "flops": flops, "peak_flops": peak, "mfu": flops / times["step"] / peak}
-    print0(f"benchmark: {result['arch']}, batch {B} per process x {W}, {G}/{L} px crops, "
-           f"{result['dtype']} on {device}, compile {cfg.train.compile}\nimages/s: "
-           f"{B / times['step']:.1f} per process; per step: " + ", ".join(
-               f"{k} {1e3 * v:.1f} ms" for k, v in times.items()) + f"\npeak memory: "
-           f"{result['peak_memory_gib']:.2f} GiB ({'CUDA' if device.type == 'cuda' else 'RSS'}); "
-           f"{flops / 1e9:.1f} GFLOP per step at {flops / times['step'] / 1e12:.3f} TFLOP/s, "
-           f"utilisation {100 * result['mfu']:.1f}% of a {peak / 1e12:.3f} TFLOP/s matmul peak"
-           f"\nresult: {json.dumps(result)}")
+    print0(f"benchmark: {result['arch']}, batch {B} x {W}, {G}/{L} px, {result['dtype']} on "
+           f"{device}, compile {cfg.train.compile}: {B / times['step']:.1f} images/s per process, "
+           f"{result['peak_memory_gib']:.2f} GiB ({'CUDA' if device.type == 'cuda' else 'RSS'}), "
+           f"{100 * result['mfu']:.1f}% of a measured matmul peak\nresult: {json.dumps(result)}")
     return result
 
-def benchmark_data(cfg, path, batches=20):
-    """Images/s through decoding, the 2 + L crops and the collate, with train.num_workers."""
-    augmentation = make_augmentation(cfg)
-    dataset = ImageFolderDataset(scan_images(path), augmentation)
-    it = iter(make_pretrain_loader(cfg, dataset, 0, 0, 1))
-    next(it)  # start the workers
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    rate = batches * cfg.train.batch_size_per_gpu / (time.perf_counter() - t0)
-    print(f"data: {rate:.1f} images/s with train.num_workers={cfg.train.num_workers} "
-          f"({rate / max(cfg.train.num_workers, 1):.1f} per worker), {cfg.crops.global_crops_size}/"
-          f"{cfg.crops.local_crops_size} px, 2 + {cfg.crops.local_crops_number} crops")
-    return rate
+def benchmark_data(cfg, path, n_images=32):
+    """Images/s on one core, side by side on the same (cached) files: (a) official, each crop via
+    torchvision's PIL ops, (b) our worker's geometry(); then colour() where training runs it."""
+    images, aug, c = scan_images(path), make_augmentation(cfg), cfg.crops
+    files = [os.path.join(images.root, images.relpath(i % len(images))) for i in range(n_images)]
+    official_crops = [transforms.Compose([  # p: jitter, grayscale, blur, solarize of each crop
+        aug.geometric_augmentation_global if i < 2 else aug.geometric_augmentation_local,
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=p[0]),
+        transforms.RandomGrayscale(p[1]),
+        transforms.RandomApply([transforms.GaussianBlur(9, sigma=(0.1, 2.0))], p=p[2]),
+        transforms.RandomSolarize(128, p[3]), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        for i, p in enumerate(aug.p_apply.tolist())]
+    threads, seconds = torch.get_num_threads(), {}
+    torch.set_num_threads(1)  # one core, as one loader worker has
+    for name, per_image in [("warm-up", lambda im: im), ("worker", aug.geometry),
+                            ("official", lambda im: [crop(im) for crop in official_crops])]:
+        t0 = time.perf_counter()
+        [per_image(load_rgb(f)) for f in files]
+        seconds[name] = (time.perf_counter() - t0) / n_images
+    params = torch.stack([aug.colour_parameters() for _ in range(n_images)], dim=1)  # (2+L, n, 12)
+    crops = [(torch.randint(0, 256, (p.numel() // 12, 3, s, s), dtype=torch.uint8), p.flatten(0, 1))
+             for p, s in [(params[:2], c.global_crops_size), (params[2:], c.local_crops_size)]]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where colour runs
+    colour = lambda: [aug.colour(x.to(device), p) for x, p in crops]  # noqa: E731
+    seconds["colour"] = statistics.mean([timed(device, colour) for _ in range(6)][1:]) / n_images
+    torch.set_num_threads(threads)
+    result = {"official_images_per_s_per_core": 1 / seconds["official"],
+              "worker_images_per_s_per_core": 1 / seconds["worker"],
+              "worker_speedup_vs_official": seconds["official"] / seconds["worker"],
+              "colour_ms_per_image": 1e3 * seconds["colour"], "colour_device": device.type}
+    print(f"{c.global_crops_size}/{c.local_crops_size} px, 2 + {c.local_crops_number} crops of "
+          f"{n_images} images of '{path}'\nresult: {json.dumps(result)}")
+    return result
 
 
 # -------------------------------------------------------------------------------------------------
@@ -2356,17 +2464,14 @@ CHOICES = {  # keys whose value must be one of a few words
     "compute_precision.dtype": ("auto", "fp32", "bf16", "fp16"),
     "train.centering": ("centering", "sinkhorn_knopp"),
     "student.arch": ("vit_pico", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"),
-    "student.ffn_layer": ("mlp", "swiglu", "swiglufused"),
-    "optim.scaling_rule": ("sqrt_wrt_1024",),
-}
+    "student.ffn_layer": ("mlp", "swiglu", "swiglufused"), "optim.scaling_rule": ("sqrt_wrt_1024",)}
 PAIRS = ("ibot.mask_ratio_min_max", "crops.global_crops_scale", "crops.local_crops_scale")
 POSITIVE = ("train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "optim.epochs",
             "train.log_every", "student.patch_size", "crops.global_crops_size",
             "crops.local_crops_size", "dino.head_n_prototypes", "dino.head_bottleneck_dim",
             "dino.head_hidden_dim", "ibot.head_n_prototypes", "ibot.head_bottleneck_dim",
             "ibot.head_hidden_dim", "teacher.teacher_temp", "teacher.warmup_teacher_temp",
-            "train.keep_checkpoints", "evaluation.knn_batch_size",
-            "evaluation.knn_temperature")
+            "train.keep_checkpoints", "evaluation.knn_batch_size", "evaluation.knn_temperature")
 UNIT_INTERVAL = ("ibot.mask_sample_probability", "student.drop_path_rate",
                  "teacher.momentum_teacher", "teacher.final_momentum_teacher",
                  "optim.adamw_beta1", "optim.adamw_beta2")
@@ -2452,10 +2557,9 @@ def build_parser():
     p = ArgumentParser(prog="dino_mini", description="DINOv2 self-supervised pre-training.",
                        epilog="Any config key can be set as section.key=value, e.g. "
                               "optim.epochs=10 (keys and defaults: top of dino_mini.py).")
-    p.add_argument("--config", help="preset from configs.json (default: demo without --data; "
-                                    "with it, default on a GPU and small on a CPU)")
-    p.add_argument("--data", help="folder of images, searched recursively; with a train/ folder "
-                                  "(ImageNet's layout) only train/ (default: built-in shapes)")
+    p.add_argument("--config", help="configs.json preset (default: demo; with --data: default "
+                                    "on a GPU, small on a CPU)")
+    p.add_argument("--data", help="folder of images, searched recursively (default: shapes)")
     p.add_argument("--output-dir", help="checkpoints, metrics, pictures (train.output_dir)")
     p.add_argument("--pretrained", help="backbone weights to start from or to look at")
     p.add_argument("--visualize", nargs="+", metavar="IMAGE", help="write PCA/attention pictures")
