@@ -161,6 +161,7 @@ DEFAULTS = {
         # ours: Gaussian blur probability of global crop 1, global crop 2, local crops; the values
         # official code applies (its own numbers are inverted, see DataAugmentationDINO)
         "blur_probabilities": [0.0, 0.9, 0.5],
+        "flip_probability": 0.5,  # ours: of a horizontal flip, per crop (official: 0.5)
     },
     "evaluation": {
         "eval_period_iterations": 12500,  # official dumps the teacher this often; we also run kNN
@@ -297,17 +298,18 @@ class DataAugmentationDINO:
     on one image runs both and returns its finished crops, as official."""
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
-                 global_crops_size=224, local_crops_size=96, blur_probabilities=(0.0, 0.9, 0.5)):
+                 global_crops_size=224, local_crops_size=96, blur_probabilities=(0.0, 0.9, 0.5),
+                 flip_probability=0.5):
         self.local_crops_number = local_crops_number
         bicubic = transforms.InterpolationMode.BICUBIC
         self.geometric_augmentation_global = transforms.Compose([
             transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale,
                                          interpolation=bicubic),
-            transforms.RandomHorizontalFlip(p=0.5)])
+            transforms.RandomHorizontalFlip(flip_probability)])
         self.geometric_augmentation_local = transforms.Compose([
             transforms.RandomResizedCrop(local_crops_size, scale=local_crops_scale,
                                          interpolation=bicubic),
-            transforms.RandomHorizontalFlip(p=0.5)])
+            transforms.RandomHorizontalFlip(flip_probability)])
         # Gaussian blur: the official GaussianBlur(p) wraps RandomApply(p=1 - p), so the
         # probabilities written there (1.0, 0.1, 0.5) are inverted. The released models were
         # trained with what the code did, not with what it says: no blur on global crop 1, blur
@@ -428,9 +430,7 @@ def gaussian_blur(x, sigma, kernel_size=9):
     return F.conv2d(y, kernel.view(n * C, 1, kernel_size, 1), groups=n * C).view(n, C, H, W)
 
 def make_augmentation(cfg):
-    c = cfg.crops
-    return DataAugmentationDINO(c.global_crops_scale, c.local_crops_scale, c.local_crops_number,
-                                c.global_crops_size, c.local_crops_size, c.blur_probabilities)
+    return DataAugmentationDINO(**cfg.crops)  # the crops keys are its argument names
 
 class MaskingGenerator:
     """Block-wise masks for iBOT (BEiT, arXiv:2106.08254): rectangles of random area and aspect
@@ -488,15 +488,14 @@ def collate_data_and_cast(samples_list, mask_ratio_tuple, mask_probability, dtyp
     collated_local_crops = torch.stack([s[0]["local_crops"][i] for i in range(n_local_crops)
                                         for s in samples_list]) if n_local_crops else torch.zeros(0)
     B = len(collated_global_crops)  # 2 x images: every global crop may get a mask
-    N = n_tokens
     n_samples_masked = int(B * mask_probability)
     probs = torch.linspace(*mask_ratio_tuple, n_samples_masked + 1)  # one ratio bin per mask
     upperbound = 0  # the official static size of the masked-token buffers
     masks_list = []
     for i in range(n_samples_masked):
         prob_min, prob_max = probs[i], probs[i + 1]
-        masks_list.append(mask_generator(int(N * random.uniform(prob_min, prob_max))))
-        upperbound += int(N * prob_max)
+        masks_list.append(mask_generator(int(n_tokens * random.uniform(prob_min, prob_max))))
+        upperbound += int(n_tokens * prob_max)
     for _ in range(n_samples_masked, B):
         masks_list.append(mask_generator(0))
     random.shuffle(masks_list)  # masks land on random crops of either view
@@ -1723,7 +1722,7 @@ def config_changes(ckpt_cfg, cfg, output_dir):
     may change on resume, as official resumes with whatever config it is given."""
     # Deviation from official: a change of the data stream (DATA_STREAM_KEYS) is refused, and one of
     # the weights' shapes or parameter groups by the load (official loads with strict=False).
-    old, new = flat_keys(ckpt_cfg), flat_keys(cfg)
+    old, new = {**flat_keys(DEFAULTS), **flat_keys(ckpt_cfg)}, flat_keys(cfg)  # keys added later
     changes = [k for k in new if old.get(k) != new[k] and k not in ("optim.lr", "train.output_dir")]
     for k in changes:
         if k.startswith(DATA_STREAM_KEYS):
@@ -2474,7 +2473,7 @@ POSITIVE = ("train.batch_size_per_gpu", "train.OFFICIAL_EPOCH_LENGTH", "optim.ep
             "train.keep_checkpoints", "evaluation.knn_batch_size", "evaluation.knn_temperature")
 UNIT_INTERVAL = ("ibot.mask_sample_probability", "student.drop_path_rate",
                  "teacher.momentum_teacher", "teacher.final_momentum_teacher",
-                 "optim.adamw_beta1", "optim.adamw_beta2")
+                 "optim.adamw_beta1", "optim.adamw_beta2", "crops.flip_probability")
 CONFIGS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs.json")
 
 def flat_keys(d, prefix=""):

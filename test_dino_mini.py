@@ -146,7 +146,8 @@ def test_overrides_and_errors_name_the_key():
                               ("evaluation.knn_nb=[0]", "positive integers"),
                               ("optim.warmup_epochs=200", "at most optim.epochs"),
                               ("crops.blur_probabilities=[0.5,0.5]", "3 probabilities"),
-                              ("crops.blur_probabilities=[0,0,2]", "3 probabilities")]:
+                              ("crops.blur_probabilities=[0,0,2]", "3 probabilities"),
+                              ("crops.flip_probability=1.5", "between 0 and 1")]:
         with pytest.raises(dm.UserError, match=message):
             dm.load_config("default", [override])
     with pytest.raises(dm.UserError, match="unknown --config"):
@@ -393,10 +394,13 @@ def test_koleo_known_configuration():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_augmentation_crops():
+@pytest.mark.parametrize("flip", [None, 0.0, 1.0])
+def test_augmentation_crops(flip):
     """2 global crops (also the teacher's, the same tensors) and L local crops of the set sizes;
-    a horizontal gradient is flipped in about half of the crops."""
-    aug = dm.DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 3, 32, 16)
+    a horizontal gradient is flipped in about half of the crops, as official, unless
+    crops.flip_probability (ours) says otherwise."""
+    kwargs = {"flip_probability": flip} if flip is not None else {}
+    aug = dm.DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 3, 32, 16, **kwargs)
     img = Image.new("L", (50, 40))
     img.putdata([5 * (i % 50) for i in range(50 * 40)])
     img = img.convert("RGB")
@@ -409,7 +413,7 @@ def test_augmentation_crops():
         assert all(a is b for a, b in zip(out["global_crops_teacher"], out["global_crops"]))
         g = out["global_crops"][0].mean(0)  # (32, 32); no solarize on global crop 1
         flipped += bool(g[:, 0].mean() > g[:, -1].mean())
-    assert flipped / n == pytest.approx(0.5, abs=0.1)
+    assert flipped / n == pytest.approx(0.5 if flip is None else flip, abs=0.1)
 
 
 @pytest.mark.parametrize("blur", [None, (0.3, 0.0, 1.0)])
@@ -1211,6 +1215,17 @@ def test_resume_may_change_the_lr_but_not_the_shapes(finished_run, tmp_path, cap
     assert json.load(open(out / "config.json"))["optim"]["base_lr"] == 0.001
     assert checkpoint(out, 9)["config"]["optim"]["base_lr"] == 0.001
 
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_its_default():
+    """A key added after a checkpoint was written (crops.flip_probability) counts as its default
+    there: left at the default it is no change; set otherwise it is refused like any crop key."""
+    cfg = dm.load_config("demo")
+    old = copy.deepcopy(cfg)
+    del old["crops"]["flip_probability"]
+    assert dm.config_changes(old, cfg, "out") == []
+    with pytest.raises(dm.UserError, match="made with crops.flip_probability=0.5, this command"):
+        dm.config_changes(old, dm.load_config("demo", ["crops.flip_probability=0"]), "out")
 
 def test_checkpoint_problems(finished_run, tmp_path, monkeypatch, capsys):
     """Another config is refused with a hint; a damaged newest checkpoint is reported and the
