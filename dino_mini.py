@@ -2367,7 +2367,7 @@ def peak_memory_gib(device):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2 ** (30 if sys.platform == "darwin" else 20)
 
-def cost_here(cfg, utilisation=0.3):
+def cost_here(cfg, utilisation=0.35):
     """"N iterations ..., about T here", T from the FLOPs of a step and a CPU matmul timed now."""
     B, grid = cfg.train.batch_size_per_gpu, cfg.crops.global_crops_size // cfg.student.patch_size
     n_masked = B * cfg.ibot.mask_sample_probability * sum(cfg.ibot.mask_ratio_min_max) * grid ** 2
